@@ -1,0 +1,109 @@
+"""`imagpose-convert`: PyTorch checkpoints -> a parameter folder (config.json + params.safetensors), and back.
+
+  imagpose-convert imagpose --unet denoising_unet-N.pth --pose-guider pose_guider-N.pth --patch patch-N.pth \
+      [--config case_or_config.json] --out ckpt/
+  imagpose-convert sd15 --unet-dir sd15/unet [--motion-module mm_sd_v15_v2.ckpt] --out ckpt/
+  imagpose-convert export --params ckpt/ --out torch_ckpt/ [--step N]
+
+`--config` is a JSON with `unet_config` / `pose_guider_config` / `patch_config` (the original's settings, as in
+a golden case.json); without it the full-size IMAGPose (SD1.5 + CVA) is assumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from flax import nnx
+
+
+def _config(path):
+    from imagpose_jax.models.imagpose import IMAGPoseConfig
+    if path is None:
+        return IMAGPoseConfig()
+    with open(path) as f:
+        return IMAGPoseConfig.from_case(json.load(f))
+
+
+def convert_imagpose(args) -> None:
+    from convert_weights.imagpose import load_imagpose
+    from imagpose_jax.checkpoint import save_params
+    cfg = _config(args.config)
+    params = load_imagpose(cfg, args.unet, args.pose_guider, args.patch)
+    save_params(args.out, cfg.to_dict(), params)
+
+
+def convert_sd15(args) -> None:
+    """SD1.5 UNet (+ motion module for CVA) -> IMAGPose params; pose guider and patch embedding freshly initialised
+    (the pose guider's last conv is zero, so the model starts as SD)."""
+    from convert_weights.core import load_torch_file
+    from convert_weights.imagpose import read_diffusers_unet, unet_from_sd15
+    from imagpose_jax.checkpoint import save_params
+    from imagpose_jax.models.imagpose import IMAGPoseConfig
+    from imagpose_jax.models.unet_config import UNetConfig
+
+    sd_cfg, sd = read_diffusers_unet(args.unet_dir)
+    unet_cfg = UNetConfig.from_dict({**sd_cfg, "in_channels": 9}).replace(use_cva=args.motion_module is not None)
+    cfg = IMAGPoseConfig(unet=unet_cfg)
+    mm = load_torch_file(args.motion_module) if args.motion_module else None
+    unet = unet_from_sd15(unet_cfg, sd, mm, source=args.unet_dir)
+    save_params(args.out, cfg.to_dict(), nnx.State({"unet": unet, **_init_heads(cfg, args.seed)}))
+
+
+def _init_heads(cfg, seed: int) -> dict:
+    """Random pose guider and patch embedding (no full UNet is built)."""
+    from imagpose_jax.models.patch import PatchEmbed
+    from imagpose_jax.models.pose_guider import PoseGuider
+    rngs = nnx.Rngs(seed)
+    pg = PoseGuider(cfg.unet.block_out_channels[0], 3, cfg.pose_guider_channels, rngs=rngs)
+    patch = PatchEmbed(cfg.patch_size, 4, cfg.embed_dim, rngs=rngs)
+    return {"pose_guider": nnx.state(pg, nnx.Param), "patch": nnx.state(patch, nnx.Param)}
+
+
+def export(args) -> None:
+    from convert_weights.imagpose import export_imagpose
+    from imagpose_jax.checkpoint.params import load_params, read_config
+    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    cfg = IMAGPoseConfig.from_case(read_config(args.params))
+    abstract = nnx.state(nnx.eval_shape(lambda: IMAGPose(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    paths = export_imagpose(load_params(args.params, abstract), cfg, args.out, args.step)
+    with open(f"{args.out}/config.json", "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    print("\n".join(paths.values()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagpose-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("imagpose", help="the original IMAGPose .pth files -> parameter folder")
+    a.add_argument("--unet", required=True, help="denoising_unet-N.pth (or motion_module-N.pth: whole-UNet state dict)")
+    a.add_argument("--pose-guider", required=True)
+    a.add_argument("--patch", required=True)
+    a.add_argument("--config", help="JSON with unet_config/pose_guider_config/patch_config (default: full-size IMAGPose)")
+    a.add_argument("--out", required=True)
+    a.set_defaults(fn=convert_imagpose)
+    b = sub.add_parser("sd15", help="SD1.5 diffusers UNet folder (+ motion module) -> parameter folder (training init)")
+    b.add_argument("--unet-dir", required=True, help="diffusers unet/ folder: config.json + diffusion_pytorch_model.*")
+    b.add_argument("--motion-module", help="AnimateDiff-style motion module (.ckpt/.pth/.safetensors): gives a CVA model")
+    b.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised pose guider and patch embedding")
+    b.add_argument("--out", required=True)
+    b.set_defaults(fn=convert_sd15)
+    c = sub.add_parser("export", help="parameter folder -> the original's .pth files")
+    c.add_argument("--params", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--step", type=int, default=0, help="N in denoising_unet-N.pth")
+    c.set_defaults(fn=export)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    args.fn(args)
+    print(f"{args.cmd}: done in {time.perf_counter() - t0:.1f}s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""A parameter folder: `config.json` (the model's settings) + `params.safetensors` (flat, dotted state paths).
+
+This is what the converter writes and what inference loads. It needs no PyTorch. Loading checks every
+key and shape against the model built abstractly from `config.json` (`nnx.eval_shape`), so a folder
+that does not match its config is an error naming the key.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def save_params(folder: str | os.PathLike, config: dict, params: nnx.State) -> None:
+    """Writes `params` (an `nnx.State` of arrays) and the JSON-able `config` into `folder`."""
+    from safetensors.numpy import save_file
+    os.makedirs(folder, exist_ok=True)
+    flat = {_key(p): np.ascontiguousarray(np.asarray(jax.device_get(v.get_value() if hasattr(v, "get_value") else v)))
+            for p, v in nnx.to_flat_state(params)}
+    tmp = os.path.join(folder, PARAMS_FILE + ".tmp")
+    save_file(flat, tmp)
+    os.replace(tmp, os.path.join(folder, PARAMS_FILE))
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a converted parameter folder (run `imagpose-convert` first)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = "", dtype=None) -> nnx.State:
+    """Fills `abstract` (e.g. `nnx.state(nnx.eval_shape(...), nnx.Param)`) from `folder`, strictly."""
+    from safetensors import safe_open
+    path = os.path.join(folder, PARAMS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: missing weights")
+    out, missing, wrong = [], [], []
+    with safe_open(path, framework="numpy") as f:
+        keys = set(f.keys())
+        wanted = set()
+        for p, var in nnx.to_flat_state(abstract):
+            k = prefix + _key(p)
+            wanted.add(k)
+            if k not in keys:
+                missing.append(k)
+                continue
+            a = f.get_tensor(k)
+            if tuple(a.shape) != tuple(var.shape):
+                wrong.append(f"{k}: file {tuple(a.shape)}, model {tuple(var.shape)}")
+                continue
+            out.append((p, var.replace(jnp.asarray(a, dtype or var.dtype))))
+        unexpected = sorted(k for k in keys - wanted if k.startswith(prefix))
+    if missing or wrong or unexpected:
+        raise ValueError(f"{path} does not match its model: missing {missing[:10]}, shape mismatches {wrong[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    return nnx.from_flat_state(out)
+
+
+def load_model(folder: str | os.PathLike, dtype=None):
+    """An `IMAGPose` model with the weights of a converted folder, and its config."""
+    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    cfg = IMAGPoseConfig.from_case(read_config(folder))
+    model = nnx.eval_shape(lambda: IMAGPose(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    nnx.update(model, load_params(folder, nnx.state(model, nnx.Param)))
+    return model, cfg

@@ -1,0 +1,35 @@
+"""imagpose-jax: IMAGPose (NeurIPS 2024) pose-guided person generation in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7,<0.11",
+    "flax>=0.12.1,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "ml-collections>=1.0,<2",
+    "numpy>=1.26,<3",
+    "safetensors>=0.4,<1",
+    "pillow>=10,<14",
+    "tqdm>=4.60,<5",
+]
+# PyTorch side: reading the original's on-disk formats and serving as test references.
+TORCH = [
+    "torch>=2.4,<2.14",
+    "diffusers>=0.30,<0.43",
+    "transformers>=4.45,<6",
+]
+TEST = TORCH + ["pytest>=8,<10"]
+
+setup(
+    name="imagpose-jax",
+    version="0.1.0",
+    description="IMAGPose pose-guided person image generation on Stable Diffusion 1.5, in JAX/Flax",
+    packages=find_packages(include=["imagpose_jax", "imagpose_jax.*", "convert_weights", "convert_weights.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={"torch": TORCH, "test": TEST},
+    entry_points={"console_scripts": [
+        "imagpose=imagpose_jax.cli:main",
+        "imagpose-convert=convert_weights.cli:main",
+    ]},
+)

@@ -1,0 +1,51 @@
+"""`pytest -m golden`: one test per golden case folder (../shared/golden, or $IMAGPOSE_GOLDEN_DIR)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from golden import case_dirs, check_tolerance, golden_dir, load_case, nchw, nhwc
+
+CASES = case_dirs()
+
+
+def run_forward(folder, case) -> str:
+    """`cva_forward` / `stage1_forward`: pose guider + patch tokens + UNet on given inputs."""
+    from convert_weights.imagpose import load_imagpose
+    from imagpose_jax.models.imagpose import IMAGPoseConfig, IMAGPose
+    from flax import nnx
+
+    cfg = IMAGPoseConfig.from_case(case)
+    assert cfg.unet.use_cva == (case["kind"] == "cva_forward"), "case kind and unet_config disagree about CVA"
+    w = case["weights"]
+    params = load_imagpose(cfg, folder / w["unet"], folder / w["pose_guider"], folder / w["patch"])
+    model = nnx.eval_shape(lambda: IMAGPose(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, params)
+    x = np.load(folder / "inputs.npz")
+    out = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(nhwc(x["sample"])), jnp.asarray(x["timestep"]),
+                                       jnp.asarray(x["image_embeds"]), jnp.asarray(nhwc(x["ref_latents"])),
+                                       jnp.asarray(nhwc(x["pose_image"])))
+    return check_tolerance(case, nchw(out), np.load(folder / "expected.npz")["out"], f"{folder.name} out")
+
+
+def run_pipeline(folder, case) -> str:
+    from golden_pipeline import run_pipeline_case
+    return run_pipeline_case(folder, case)
+
+
+RUNNERS = {"cva_forward": run_forward, "stage1_forward": run_forward, "pipeline": run_pipeline}
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("folder", CASES or [None], ids=[p.name for p in CASES] or ["no-cases"])
+def test_golden_case(folder):
+    if folder is None:
+        pytest.fail(f"no golden cases found in {golden_dir()} (set IMAGPOSE_GOLDEN_DIR to a folder of case folders)")
+    case = load_case(folder)
+    kind = case.get("kind")
+    if kind not in RUNNERS:
+        pytest.fail(f"{folder.name}: unknown case kind {kind!r} (known: {sorted(RUNNERS)})")
+    with jax.default_matmul_precision("highest"):
+        print(RUNNERS[kind](folder, case))
