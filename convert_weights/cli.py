@@ -65,8 +65,9 @@ def export(args) -> None:
     from convert_weights.imagpose import export_imagpose
     from imagpose_jax.checkpoint.params import load_params, read_config
     from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    from imagpose_jax.models.init import abstract
     cfg = IMAGPoseConfig.from_case(read_config(args.params))
-    abstract = nnx.state(nnx.eval_shape(lambda: IMAGPose(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = nnx.state(abstract(lambda k: IMAGPose(cfg, rngs=k)), nnx.Param)
     paths = export_imagpose(load_params(args.params, abstract), cfg, args.out, args.step)
     with open(f"{args.out}/config.json", "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)

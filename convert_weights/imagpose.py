@@ -21,6 +21,7 @@ from flax import nnx
 from convert_weights.core import ConversionError, Skip, load_torch_file, nnx_to_torch, torch_to_nnx
 from imagpose_jax.models.cva import sinusoidal_table
 from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+from imagpose_jax.models.init import abstract
 from imagpose_jax.models.unet import UNet
 from imagpose_jax.models.unet_config import UNetConfig
 
@@ -42,7 +43,7 @@ PE_SKIP = Skip(PE_PATTERN, "fixed sinusoidal view-position table, computed by th
 
 
 def abstract_model(cfg: IMAGPoseConfig) -> IMAGPose:
-    return nnx.eval_shape(lambda: IMAGPose(cfg, rngs=nnx.Rngs(0)))
+    return abstract(lambda k: IMAGPose(cfg, rngs=k))
 
 
 def _params(module) -> nnx.State:
@@ -152,8 +153,7 @@ def unet_from_sd15(cfg: UNetConfig, sd15: Mapping[str, np.ndarray], motion_modul
         sd.update(motion_module)
     elif motion_module is not None:
         raise ConversionError("a motion-module checkpoint was given for a model without CVA (use_cva=False)")
-    abstract = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
-    return torch_to_nnx(_params(abstract), sd, renames=UNET_RENAMES, skip=(PE_SKIP,), source=source)
+    return torch_to_nnx(_params(abstract(lambda k: UNet(cfg, rngs=k))), sd, renames=UNET_RENAMES, skip=(PE_SKIP,), source=source)
 
 
 def _read(src, name: str) -> tuple[dict, str]:

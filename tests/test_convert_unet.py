@@ -15,6 +15,7 @@ from convert_weights.core import ConversionError, load_torch_file, save_torch_fi
 from convert_weights.imagpose import (export_imagpose, load_imagpose, read_diffusers_unet, unet_from_sd15)
 from golden import golden_dir
 from imagpose_jax.models.imagpose import IMAGPoseConfig
+from imagpose_jax.models.init import abstract
 from imagpose_jax.models.unet import UNet
 from imagpose_jax.models.unet_config import UNetConfig
 
@@ -44,7 +45,7 @@ def diffusers_unet_dir(tmp_path_factory):
 
 
 def _ours(cfg: UNetConfig, params) -> UNet:
-    model = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
+    model = abstract(lambda k: UNet(cfg, rngs=k))
     nnx.update(model, params)
     return model
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+from imagpose_jax.models.init import abstract
 from imagpose_jax.models.unet import UNet
 from imagpose_jax.models.unet_config import UNetConfig
 
@@ -21,12 +22,12 @@ def _count(state, where=lambda p: True) -> int:
 
 def test_full_size_parameter_counts():
     """SD1.5 + CVA as the original counts it (`unet.parameters()`): 1,312,744,644, of them 453,209,280 CVA."""
-    model = nnx.eval_shape(lambda: IMAGPose(IMAGPoseConfig(), rngs=nnx.Rngs(0)))
+    model = abstract(lambda k: IMAGPose(IMAGPoseConfig(), rngs=k))
     unet = nnx.state(model.unet, nnx.Param)
     assert _count(unet) == 1_312_744_644
     assert _count(unet, lambda k: "motion_modules" in k) == 453_209_280
     assert sum(1 for p, _ in nnx.to_flat_state(unet) if p[-1] == "kernel" and "motion_modules" in p and "proj_out" in p) == 21
-    stage1 = nnx.state(nnx.eval_shape(lambda: UNet(UNetConfig(), rngs=nnx.Rngs(0))), nnx.Param)
+    stage1 = nnx.state(abstract(lambda k: UNet(UNetConfig(), rngs=k)), nnx.Param)
     assert _count(stage1) == 859_520_964 + 5 * 9 * 320  # SD1.5's UNet with conv_in widened from 4 to 9 channels
     assert model.pose_guider.conv_out.kernel.shape == (3, 3, 256, 320)  # added after conv_in's 320 channels
 
@@ -43,7 +44,7 @@ def test_convert_full_size_sd15_and_motion_module(tmp_path):
 
     torch.manual_seed(0)
     UNet2DConditionModel(cross_attention_dim=768, sample_size=64).save_pretrained(tmp_path / "unet")
-    abstract = nnx.state(nnx.eval_shape(lambda: UNet(UNetConfig(use_cva=True), rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = nnx.state(abstract(lambda k: UNet(UNetConfig(use_cva=True), rngs=k)), nnx.Param)
     rng = np.random.default_rng(0)
     mm = {torch_key(p, UNET_RENAMES): to_torch_layout(str(p[-1]), rng.standard_normal(v.shape, np.float32) * 0.02)
           for p, v in nnx.to_flat_state(abstract) if "motion_modules" in p}
@@ -57,6 +58,6 @@ def test_convert_full_size_sd15_and_motion_module(tmp_path):
     size_gib = (tmp_path / "out" / "params.safetensors").stat().st_size / 2**30
     print(f"full-size SD1.5 + motion module -> params: {seconds:.1f}s, peak RSS {peak_gib:.2f} GiB, output {size_gib:.2f} GiB")
     from imagpose_jax.checkpoint.params import load_params
-    full = nnx.state(nnx.eval_shape(lambda: IMAGPose(IMAGPoseConfig(), rngs=nnx.Rngs(0))), nnx.Param)
+    full = nnx.state(abstract(lambda k: IMAGPose(IMAGPoseConfig(), rngs=k)), nnx.Param)
     loaded = load_params(tmp_path / "out", full)
     assert _count(loaded["unet"]) == 1_312_744_644

@@ -15,13 +15,14 @@ def run_forward(folder, case) -> str:
     """`cva_forward` / `stage1_forward`: pose guider + patch tokens + UNet on given inputs."""
     from convert_weights.imagpose import load_imagpose
     from imagpose_jax.models.imagpose import IMAGPoseConfig, IMAGPose
+    from imagpose_jax.models.init import abstract
     from flax import nnx
 
     cfg = IMAGPoseConfig.from_case(case)
     assert cfg.unet.use_cva == (case["kind"] == "cva_forward"), "case kind and unet_config disagree about CVA"
     w = case["weights"]
     params = load_imagpose(cfg, folder / w["unet"], folder / w["pose_guider"], folder / w["patch"])
-    model = nnx.eval_shape(lambda: IMAGPose(cfg, rngs=nnx.Rngs(0)))
+    model = abstract(lambda k: IMAGPose(cfg, rngs=k))
     nnx.update(model, params)
     x = np.load(folder / "inputs.npz")
     out = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(nhwc(x["sample"])), jnp.asarray(x["timestep"]),

@@ -74,7 +74,8 @@ def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = ""
 def load_model(folder: str | os.PathLike, dtype=None):
     """An `IMAGPose` model with the weights of a converted folder, and its config."""
     from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    from imagpose_jax.models.init import abstract
     cfg = IMAGPoseConfig.from_case(read_config(folder))
-    model = nnx.eval_shape(lambda: IMAGPose(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    model = abstract(lambda k: IMAGPose(cfg, rngs=k, dtype=dtype))
     nnx.update(model, load_params(folder, nnx.state(model, nnx.Param)))
     return model, cfg

@@ -115,7 +115,8 @@ class UNetConfig:
                    "motion_module_mid_block": "cva_mid_block", "motion_module_decoder_only": "cva_decoder_only"}
         for theirs, ours in renames.items():
             if theirs in d:
-                kw[ours] = d.pop(theirs)
+                v = d.pop(theirs)
+                kw[ours] = tuple(v) if isinstance(v, list) else v
         if "motion_module_kwargs" in d:
             mk = dict(d.pop("motion_module_kwargs"))
             mk.pop("zero_initialize", None)
