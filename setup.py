@@ -6,6 +6,7 @@ CORE = [
     "flax>=0.12.1,<0.13",
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.11,<0.13",
+    "grain>=0.2.12,<0.3",
     "ml-collections>=1.0,<2",
     "numpy>=1.26,<3",
     "safetensors>=0.4,<1",

@@ -1,6 +1,5 @@
 """Training and evaluation examples: grid invariants, shared crop/flip, determinism, state, sharding."""
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 from PIL import Image
 
@@ -112,13 +113,13 @@ def build_example(images: np.ndarray, poses: np.ndarray, known: np.ndarray, ref_
     _, h, w, _ = images.shape
     views = images.astype(np.float32) / 127.5 - 1.0
     masked = np.where(known[:, None, None, None], views, np.float32(-1.0))
-    flags = np.broadcast_to(known.astype(np.float32)[:, None, None, None], (4, h // 8, w // 8, 1))
+    flag_views = np.broadcast_to(known.astype(np.float32)[:, None, None, None], (4, h // 8, w // 8, 1))
     return {
         "grid_image": _tile(views),
         "masked_grid": _tile(masked),
         "pose_grid": _tile(poses.astype(np.float32) / 255.0),
         "known": known,
-        "flag_grid": _tile(flags),
+        "flag_grid": _tile(flag_views),
         "ref_image": views[ref_slot],
         "ref_image_uint8": images[ref_slot],
     }
@@ -229,6 +230,9 @@ def make_train_iterator(persons: Sequence[Person], height: int, width: int, *, b
     Returns:
       A ``TrainIterator``: ``next(it)`` is a batch dict; ``it.get_state()``/``it.set_state(s)``
       save and restore its position; ``it.skipped_corrupt`` counts skipped examples.
+
+    Workers are spawned processes: a script using ``worker_count`` needs the
+    ``if __name__ == "__main__":`` guard.
     """
     check_view_size(height, width)
     if shard_index is None or shard_count is None:
@@ -245,6 +249,8 @@ def make_train_iterator(persons: Sequence[Person], height: int, width: int, *, b
     ds = ds[shard_index::shard_count]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     if worker_count:
+        if not flags.FLAGS.is_parsed():  # grain issue #1355: workers read an absl flag unparsed
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                  per_worker_buffer_size=prefetch))
     return TrainIterator(iter(it_ds), batch_size)
