@@ -190,7 +190,7 @@ def test_missing_file_is_corrupt_too(persons):
 
 
 def test_view_size_must_be_multiple_of_64(persons):
-    with pytest.raises(ValueError, match="multiples of 64"):
+    with pytest.raises(ValueError, match="not a multiple of 64"):
         make_train_iterator(persons, 96, 64, batch_size=1, seed=0, shard_index=0, shard_count=1)
 
 

@@ -28,6 +28,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from imagpose_jax.data.grid import check_view_size, flag_grid, tile
 from imagpose_jax.data.index import Person, View
 from imagpose_jax.data.pose import render_pose
 
@@ -56,12 +57,6 @@ class Crop:
     fy: float = 0.5
     fx: float = 0.5
     flip: bool = False
-
-
-def check_view_size(height: int, width: int) -> None:
-    """Views must be multiples of 64 pixels (spec section 2)."""
-    if height <= 0 or width <= 0 or height % 64 or width % 64:
-        raise ValueError(f"view size must be positive multiples of 64, got {height}x{width}")
 
 
 def _open_rgb(path: str) -> Image.Image:
@@ -99,12 +94,6 @@ def load_view(view: View, height: int, width: int, crop: Crop) -> tuple[np.ndarr
     return _cover_crop(image, height, width, crop), _cover_crop(pose, height, width, crop)
 
 
-def _tile(views: np.ndarray) -> np.ndarray:
-    """(4, h, w, C) -> (2h, 2w, C), slots row-major."""
-    _, h, w, c = views.shape
-    return views.reshape(2, 2, h, w, c).transpose(0, 2, 1, 3, 4).reshape(2 * h, 2 * w, c)
-
-
 def build_example(images: np.ndarray, poses: np.ndarray, known: np.ndarray, ref_slot: int) -> Example:
     """Grids from four views: images and poses (4, H, W, 3) uint8, known (4,) bool, a known ref slot."""
     known = np.asarray(known, dtype=bool)
@@ -113,13 +102,12 @@ def build_example(images: np.ndarray, poses: np.ndarray, known: np.ndarray, ref_
     _, h, w, _ = images.shape
     views = images.astype(np.float32) / 127.5 - 1.0
     masked = np.where(known[:, None, None, None], views, np.float32(-1.0))
-    flag_views = np.broadcast_to(known.astype(np.float32)[:, None, None, None], (4, h // 8, w // 8, 1))
     return {
-        "grid_image": _tile(views),
-        "masked_grid": _tile(masked),
-        "pose_grid": _tile(poses.astype(np.float32) / 255.0),
+        "grid_image": tile(views),
+        "masked_grid": tile(masked),
+        "pose_grid": tile(poses.astype(np.float32) / 255.0),
         "known": known,
-        "flag_grid": _tile(flag_views),
+        "flag_grid": flag_grid(known, h, w),
         "ref_image": views[ref_slot],
         "ref_image_uint8": images[ref_slot],
     }

@@ -1,0 +1,109 @@
+"""Image-level conditioning: the 2x2 view grid, its slots and the scenario layouts (spec section 2).
+
+Slots are row-major: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right. Host-side numpy, NHWC.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NUM_SLOTS = 4
+LATENT_SCALE = 8
+VIEW_MULTIPLE = 64
+
+
+def check_view_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0 or height % VIEW_MULTIPLE or width % VIEW_MULTIPLE:
+        raise ValueError(f"view size {height}x{width} is not a multiple of {VIEW_MULTIPLE}: the UNet halves the latent "
+                         f"grid three times and cross-view attention splits each level into quadrants")
+
+
+def tile(views: np.ndarray) -> np.ndarray:
+    """(..., 4, H, W, C) -> (..., 2H, 2W, C)."""
+    *lead, n, h, w, c = views.shape
+    if n != NUM_SLOTS:
+        raise ValueError(f"a grid has {NUM_SLOTS} views, got {n}")
+    x = views.reshape(*lead, 2, 2, h, w, c)
+    x = np.moveaxis(x, -4, -3)  # (..., 2, h, 2, w, c)
+    return x.reshape(*lead, 2 * h, 2 * w, c)
+
+
+def untile(grid: np.ndarray) -> np.ndarray:
+    """(..., 2H, 2W, C) -> (..., 4, H, W, C), the inverse of `tile`."""
+    *lead, hh, ww, c = grid.shape
+    x = grid.reshape(*lead, 2, hh // 2, 2, ww // 2, c)
+    x = np.moveaxis(x, -3, -4)
+    return x.reshape(*lead, NUM_SLOTS, hh // 2, ww // 2, c)
+
+
+def flag_grid(known, view_height: int, view_width: int) -> np.ndarray:
+    """(4,) bools -> (2H/8, 2W/8, 1) float32: 1 over known slots, 0 over unknown ones."""
+    known = np.asarray(known, bool)
+    h, w = view_height // LATENT_SCALE, view_width // LATENT_SCALE
+    views = np.broadcast_to(known[:, None, None, None], (NUM_SLOTS, h, w, 1)).astype(np.float32)
+    return tile(views)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One grid: each slot shows a source (`("source", i)`) or generates a target (`("target", j)`)."""
+    slots: tuple[tuple[str, int], ...]
+
+    @property
+    def known(self) -> tuple[bool, ...]:
+        return tuple(kind == "source" for kind, _ in self.slots)
+
+    def targets(self) -> list[tuple[int, int]]:
+        """(slot, target index) of each generated slot, each target once (a repeated target counts at its first slot)."""
+        seen, out = set(), []
+        for s, (kind, j) in enumerate(self.slots):
+            if kind == "target" and j not in seen:
+                seen.add(j)
+                out.append((s, j))
+        return out
+
+
+def plan_layouts(num_sources: int, num_targets: int) -> list[Layout]:
+    """The original's inference layouts, one grid per entry.
+
+    One source: up to three targets per grid beside it (scenario 2; with one target: the source fills slots
+    0-2 and the target is slot 3, scenario 1). Several sources (at most 3): slots 0-2 hold them (two sources
+    padded with the first again) and slot 3 one target per grid (scenario 3).
+    """
+    if num_sources < 1:
+        raise ValueError("at least one source image is needed")
+    if num_sources > 3:
+        raise ValueError(f"at most 3 source images fit a grid beside a target, got {num_sources}")
+    if num_targets < 1:
+        raise ValueError("at least one target pose is needed")
+    src = [("source", i) for i in (0, 0, 0)] if num_sources == 1 else \
+        [("source", i) for i in ((0, 1, 0) if num_sources == 2 else (0, 1, 2))]
+    if num_sources > 1 or num_targets == 1:
+        return [Layout(tuple(src) + (("target", j),)) for j in range(num_targets)]
+    layouts = []
+    for start in range(0, num_targets, 3):
+        chunk = [("target", j) for j in range(start, min(start + 3, num_targets))]
+        chunk += [("source", 0)] * (3 - len(chunk))  # a short last chunk shows the source again
+        layouts.append(Layout((("source", 0),) + tuple(chunk)))
+    return layouts
+
+
+def compose(layout: Layout, sources: list[np.ndarray], source_poses: list[np.ndarray],
+            target_poses: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Grids for one layout from views of equal size (H, W, 3): images in [-1, 1], poses in [0, 1].
+
+    Returns `masked_grid` (2H, 2W, 3) with -1 (black) in unknown slots, `pose_grid` (2H, 2W, 3) and
+    `flag_grid` (2H/8, 2W/8, 1)."""
+    h, w, _ = sources[0].shape
+    images, poses = [], []
+    for kind, i in layout.slots:
+        if kind == "source":
+            images.append(sources[i])
+            poses.append(source_poses[i])
+        else:
+            images.append(np.full((h, w, 3), -1.0, np.float32))
+            poses.append(target_poses[i])
+    return {"masked_grid": tile(np.stack(images).astype(np.float32)),
+            "pose_grid": tile(np.stack(poses).astype(np.float32)),
+            "flag_grid": flag_grid(layout.known, h, w)}
