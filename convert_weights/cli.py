@@ -3,6 +3,8 @@
   imagpose-convert imagpose --unet denoising_unet-N.pth --pose-guider pose_guider-N.pth --patch patch-N.pth \
       [--config case_or_config.json] --out ckpt/
   imagpose-convert sd15 --unet-dir sd15/unet [--motion-module mm_sd_v15_v2.ckpt] --out ckpt/
+  imagpose-convert pipeline --unet ... --pose-guider ... --patch ... --vae sd-vae-ft-mse/ \
+      --image-encoder dinov2-base/ [--config config.json] --out weights/
   imagpose-convert export --params ckpt/ --out torch_ckpt/ [--step N]
 
 `--config` is a JSON with `unet_config` / `pose_guider_config` / `patch_config` (the original's settings, as in
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -61,6 +64,20 @@ def _init_heads(cfg, seed: int) -> dict:
     return {"pose_guider": nnx.state(pg, nnx.Param), "patch": nnx.state(patch, nnx.Param)}
 
 
+def convert_pipeline(args) -> None:
+    """Everything inference needs, into one folder: denoiser/, vae/, image_encoder/ (each config.json +
+    params.safetensors). Loading it needs no PyTorch."""
+    from convert_weights.dinov2 import load_dinov2
+    from convert_weights.vae import load_vae
+    from imagpose_jax.checkpoint import save_params
+    convert_imagpose(argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "denoiser")}))
+    for sub, src, load in (("vae", args.vae, load_vae), ("image_encoder", args.image_encoder, load_dinov2)):
+        _, model = load(src)
+        with open(os.path.join(src, "config.json")) as f:
+            config = json.load(f)
+        save_params(os.path.join(args.out, sub), config, nnx.state(model, nnx.Param))
+
+
 def export(args) -> None:
     from convert_weights.imagpose import export_imagpose
     from imagpose_jax.checkpoint.params import load_params, read_config
@@ -90,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised pose guider and patch embedding")
     b.add_argument("--out", required=True)
     b.set_defaults(fn=convert_sd15)
+    d = sub.add_parser("pipeline", help="IMAGPose .pth files + diffusers VAE + transformers DINOv2 -> an inference folder")
+    d.add_argument("--unet", required=True)
+    d.add_argument("--pose-guider", required=True)
+    d.add_argument("--patch", required=True)
+    d.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse)")
+    d.add_argument("--image-encoder", required=True, help="transformers Dinov2Model folder (dinov2-base)")
+    d.add_argument("--config", help="JSON with unet_config/pose_guider_config/patch_config (default: full-size IMAGPose)")
+    d.add_argument("--out", required=True)
+    d.set_defaults(fn=convert_pipeline)
     c = sub.add_parser("export", help="parameter folder -> the original's .pth files")
     c.add_argument("--params", required=True)
     c.add_argument("--out", required=True)

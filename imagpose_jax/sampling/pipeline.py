@@ -1,0 +1,128 @@
+"""High-level generation: source images with their poses and any number of target poses -> images.
+
+Weights come from a converted folder (`imagpose-convert pipeline ...`):
+  denoiser/      config.json + params.safetensors   (UNet + CVA, pose guider, patch embedding)
+  vae/           config.json (diffusers) + params.safetensors
+  image_encoder/ config.json (transformers) + params.safetensors
+No PyTorch is needed to load or run it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from imagpose_jax.data.grid import Layout, check_view_size, compose, plan_layouts, untile
+from imagpose_jax.data.pose import render_pose
+from imagpose_jax.preprocess import as_rgb_image, clip_preprocess, load_image, vae_preprocess
+from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
+
+
+def load_pipeline_models(folder: str | os.PathLike, dtype=None):
+    """(IMAGPose model, VAE, DINOv2) from a converted pipeline folder."""
+    from imagpose_jax.checkpoint.params import load_model, load_params, read_config
+    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
+    from imagpose_jax.models.init import abstract
+    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
+    from flax import nnx
+
+    folder = os.fspath(folder)
+    for sub in ("denoiser", "vae", "image_encoder"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise FileNotFoundError(f"missing weights: {os.path.join(folder, sub)} (a converted pipeline folder has "
+                                    f"denoiser/, vae/ and image_encoder/; make one with `imagpose-convert pipeline`)")
+    model, _ = load_model(os.path.join(folder, "denoiser"), dtype=dtype)
+    vcfg = VAEConfig.from_dict(read_config(os.path.join(folder, "vae")))
+    vae = abstract(lambda k: AutoencoderKL(vcfg, rngs=k, dtype=dtype))
+    nnx.update(vae, load_params(os.path.join(folder, "vae"), nnx.state(vae, nnx.Param)))
+    dcfg = Dinov2Config.from_dict(read_config(os.path.join(folder, "image_encoder")))
+    dino = abstract(lambda k: Dinov2Model(dcfg, rngs=k, dtype=dtype))
+    nnx.update(dino, load_params(os.path.join(folder, "image_encoder"), nnx.state(dino, nnx.Param)))
+    return model, vae, dino
+
+
+def pose_view(pose, height: int, width: int) -> np.ndarray:
+    """A pose as a rendered image (path/PIL/uint8 array) or 18 keypoints ((18, 2) pixels of an HxW canvas, or in
+    [0, 1]) -> (H, W, 3) float32 in [0, 1]."""
+    if isinstance(pose, (str, os.PathLike)) and os.fspath(pose).lower().endswith(".json"):
+        from imagpose_jax.data.pose import load_openpose_json
+        pose = load_openpose_json(pose)
+    if isinstance(pose, np.ndarray) and pose.ndim == 2:
+        if pose.shape != (18, 2):
+            raise ValueError(f"keypoints must have shape (18, 2) (OpenPose body order), got {pose.shape}")
+        valid = pose[(pose >= 0).all(-1)]
+        normalized = valid.size > 0 and valid.max() <= 1.0
+        return render_pose(pose, height, width, normalized=normalized).astype(np.float32) / 255.0
+    image = load_image(pose) if isinstance(pose, (str, os.PathLike)) else as_rgb_image(pose)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return np.asarray(image, np.float32) / 255.0
+
+
+@dataclass
+class Generation:
+    targets: list[np.ndarray]      # one (H, W, 3) float32 in [0, 1] per target pose, in order
+    grids: np.ndarray              # (G, 2H, 2W, 3) every decoded grid
+    layouts: list[Layout]
+
+
+class IMAGPosePipeline:
+    def __init__(self, model, vae, dino, cfg: SamplerConfig = SamplerConfig()):
+        self.cfg = cfg
+        self.sampler = Sampler(model, vae, dino, cfg)
+
+    @classmethod
+    def from_pretrained(cls, folder, cfg: SamplerConfig = SamplerConfig(), dtype=None) -> IMAGPosePipeline:
+        return cls(*load_pipeline_models(folder, dtype), cfg)
+
+    def prepare(self, sources, source_poses, target_poses, view_size: tuple[int, int]) -> tuple[dict, list[Layout]]:
+        """Host-side inputs: a batch of grids (one per layout) and the layouts."""
+        h, w = view_size
+        check_view_size(h, w)
+        if len(sources) != len(source_poses):
+            raise ValueError(f"{len(sources)} source image(s) but {len(source_poses)} source pose(s): give one pose per source")
+        layouts = plan_layouts(len(sources), len(target_poses))
+        src_images = [load_image(s) if isinstance(s, (str, os.PathLike)) else as_rgb_image(s) for s in sources]
+        src = [vae_preprocess(im, (h, w)) for im in src_images]
+        src_p = [pose_view(p, h, w) for p in source_poses]
+        tgt_p = [pose_view(p, h, w) for p in target_poses]
+        grids = [compose(layout, src, src_p, tgt_p) for layout in layouts]
+        ref = src_images[0]
+        ref_hw = (h, w) if self.cfg.patch_reference == "view" else (2 * h, 2 * w)
+        batch = {k: np.stack([g[k] for g in grids]) for k in grids[0]}
+        batch["ref_pixels"] = np.repeat(vae_preprocess(ref, ref_hw)[None], len(grids), 0)
+        batch["dino_pixels"] = np.repeat(clip_preprocess(ref, squash_to_224=self.cfg.dino_squash)[None], len(grids), 0)
+        return batch, layouts
+
+    def __call__(self, sources, source_poses, target_poses, *, view_size=(512, 512), seed: int = 42,
+                 batch_size: int = 4, progress: bool = True) -> Generation:
+        """Generates every target. Grids run `batch_size` at a time (the last batch is padded, so one compiled
+        program serves all); each grid's starting noise depends only on `seed` and the grid's index."""
+        import jax
+        from tqdm import tqdm
+        batch, layouts = self.prepare(sources, source_poses, target_poses, view_size)
+        n = len(layouts)
+        hh, ww = batch["masked_grid"].shape[1:3]
+        noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (hh // 8, ww // 8, 4)))
+                          for i in range(n)])
+        out = []
+        bs = min(batch_size, n)
+        for start in tqdm(range(0, n, bs), disable=not progress or n <= bs, desc="grids", unit="batch"):
+            idx = np.minimum(np.arange(start, start + bs), n - 1)  # pad the last batch by repeating its last grid
+            images = self.sampler({k: v[idx] for k, v in batch.items()}, noise=noise[idx])
+            out.append(images[: min(bs, n - start)])
+        grids = np.concatenate(out)
+        targets: dict[int, np.ndarray] = {}
+        for g, layout in enumerate(layouts):
+            views = untile(grids[g])
+            for slot, j in layout.targets():
+                targets.setdefault(j, views[slot])
+        return Generation([targets[j] for j in range(len(target_poses))], grids, layouts)
+
+
+def make_sheet(sources: list[np.ndarray], target_poses: list[np.ndarray], results: list[np.ndarray]) -> np.ndarray:
+    """A contact sheet, one row per target: sources | target pose | result. Views (H, W, 3) in [0, 1] -> uint8."""
+    rows = [np.concatenate(list(sources) + [p, r], axis=1) for p, r in zip(target_poses, results)]
+    return (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)

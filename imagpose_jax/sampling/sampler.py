@@ -1,0 +1,136 @@
+"""The sampler: VAE encoding, DINOv2 tokens, the whole denoising loop with classifier-free guidance and the
+VAE decode, as one jitted XLA program (spec section 7). Compiled once per input shape.
+
+Inputs are host-prepared batches of grids (see `grid.py` and `pipeline.py`), NHWC:
+  masked_grid (B, 2H, 2W, 3) in [-1, 1]    sources in known slots, black elsewhere
+  flag_grid   (B, 2H/8, 2W/8, 1)           1 over known slots
+  pose_grid   (B, 2H, 2W, 3) in [0, 1]     every slot's pose rendering
+  ref_pixels  (B, Hr, Wr, 3) in [-1, 1]    the reference for the patch tokens (one view, or the grid size)
+  dino_pixels (B, 224, 224, 3)             the reference after CLIP's pre-processing
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from imagpose_jax.schedulers import make_scheduler
+
+DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                     "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+                     "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 1,
+                     "clip_sample": False, "eta": 0.0}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    num_inference_steps: int = 30
+    guidance_scale: float = 2.0          # out = uncond + g (cond - uncond); no guidance when g <= 1
+    scheduler: str = "ddim"              # or "dpm++"
+    scheduler_config: Mapping = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    patch_reference: str = "view"        # "view": the reference at view size (as trained); "grid": resized to 2Hx2W
+    dino_squash: bool = False            # squash the reference to 224x224 before CLIP's pre-processing
+
+    def __post_init__(self):
+        if self.patch_reference not in ("view", "grid"):
+            raise ValueError(f"patch_reference must be 'view' or 'grid', got {self.patch_reference!r}")
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1")
+
+    @classmethod
+    def original_inference(cls, **kw) -> SamplerConfig:
+        """Reproduces the original's inference exactly (spec section 8): patch tokens from the reference resized
+        to the whole grid, the reference squashed to 224x224 for DINOv2, 'linear' betas."""
+        return cls(patch_reference="grid", dino_squash=True,
+                   scheduler_config={**DEFAULT_SCHEDULER, "beta_schedule": "linear"}, **kw)
+
+    def replace(self, **kw) -> SamplerConfig:
+        return dataclasses.replace(self, **kw)
+
+
+class Batch(NamedTuple):
+    masked_grid: jax.Array
+    flag_grid: jax.Array
+    pose_grid: jax.Array
+    ref_pixels: jax.Array
+    dino_pixels: jax.Array
+
+
+class Sampler:
+    """`Sampler(model, vae, dino, cfg)(batch, noise=... or key=...)` -> images (B, 2H, 2W, 3) in [0, 1].
+
+    With several local devices the batch is split over them (data parallel) and the weights replicated.
+    """
+
+    def __init__(self, model, vae, dino, cfg: SamplerConfig = SamplerConfig()):
+        self.cfg = cfg
+        self.scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_inference_steps)
+        self.models = nnx.List([model, vae, dino])
+        self.traces = 0  # how many times the program was traced (compiled): once per input shape
+        self.mesh = None
+        if jax.local_device_count() > 1:
+            self.mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
+                                      axis_types=(jax.sharding.AxisType.Auto,))
+            state = nnx.state(self.models)
+            nnx.update(self.models, jax.device_put(state, NamedSharding(self.mesh, P())))
+        self._run = nnx.jit(self._program)
+
+    def _program(self, models, batch: Batch, noise: jax.Array, guidance: jax.Array, key: jax.Array) -> jax.Array:
+        self.traces += 1
+        model, vae, dino = models
+        sched, do_cfg = self.scheduler, self.cfg.guidance_scale > 1.0
+        masked = vae.encode_latents(batch.masked_grid)          # (B, h, w, 4) posterior mean x 0.18215
+        ref_latents = vae.encode_latents(batch.ref_pixels)      # (B, hr, wr, 4)
+        context = model.context(dino(batch.dino_pixels), ref_latents)  # (B, 257 + P, D)
+        pose = model.pose_guider(batch.pose_grid)               # (B, h, w, C0), once for all steps
+        cond = jnp.concatenate([batch.flag_grid.astype(masked.dtype), masked], axis=-1)  # (B, h, w, 5)
+        if do_cfg:  # [uncond | cond] in one batch; the null condition is all-zero tokens
+            context = jnp.concatenate([jnp.zeros_like(context), context])
+            pose, cond = jnp.concatenate([pose, pose]), jnp.concatenate([cond, cond])
+        timesteps = jnp.asarray(sched.timesteps)
+
+        def body(i, carry):
+            latents, solver, k = carry
+            k, sub = jax.random.split(k)
+            x = jnp.concatenate([latents, latents], 0) if do_cfg else latents
+            t = timesteps[i]
+            out = model.unet(jnp.concatenate([x, cond], axis=-1), t, context, pose)
+            if do_cfg:
+                uncond, c = jnp.split(out, 2)
+                out = uncond + guidance * (c - uncond)
+            latents, solver = sched.step(solver, out, i, latents, sub)
+            return latents, solver, k
+
+        latents = noise * sched.init_noise_sigma
+        latents, _, _ = jax.lax.fori_loop(0, len(sched.timesteps), body, (latents, sched.init_solver_state(latents), key))
+        return jnp.clip(vae.decode_latents(latents) / 2 + 0.5, 0.0, 1.0)
+
+    def __call__(self, batch: Batch | Mapping, noise: np.ndarray | None = None, key: jax.Array | None = None) -> np.ndarray:
+        """noise (B, 2H/8, 2W/8, 4), or `key` to draw it. Returns float32 images (B, 2H, 2W, 3) in [0, 1]."""
+        batch = Batch(**{f: jnp.asarray(batch[f] if isinstance(batch, Mapping) else getattr(batch, f), jnp.float32)
+                         for f in Batch._fields})
+        b, hh, ww, _ = batch.masked_grid.shape
+        key = jax.random.key(0) if key is None else key
+        if noise is None:
+            key, sub = jax.random.split(key)
+            noise = jax.random.normal(sub, (b, hh // 8, ww // 8, 4), jnp.float32)
+        noise = jnp.asarray(noise, jnp.float32)
+        if noise.shape != (b, hh // 8, ww // 8, 4):
+            raise ValueError(f"noise has shape {noise.shape}; expected {(b, hh // 8, ww // 8, 4)}")
+        pad = 0
+        if self.mesh is not None:
+            n = self.mesh.size
+            pad = (-b) % n
+            if pad:
+                batch = Batch(*(jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) for x in batch))
+                noise = jnp.concatenate([noise, jnp.repeat(noise[-1:], pad, 0)])
+            batch, noise = jax.device_put((batch, noise), NamedSharding(self.mesh, P("data")))
+        images = self._run(self.models, batch, noise, jnp.float32(self.cfg.guidance_scale), key)
+        return np.asarray(images)[:b]
