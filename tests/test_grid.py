@@ -1,0 +1,45 @@
+"""The 2x2 grid: tiling, flags and the original's scenario layouts."""
+import numpy as np
+import pytest
+
+from imagpose_jax.data.grid import compose, flag_grid, plan_layouts, tile, untile
+
+
+def test_tile_is_row_major_and_untile_inverts_it():
+    views = np.random.default_rng(0).random((2, 4, 8, 6, 3))
+    grid = tile(views)
+    assert grid.shape == (2, 16, 12, 3)
+    assert np.array_equal(grid[:, :8, :6], views[:, 0]) and np.array_equal(grid[:, :8, 6:], views[:, 1])
+    assert np.array_equal(grid[:, 8:, :6], views[:, 2]) and np.array_equal(grid[:, 8:, 6:], views[:, 3])
+    assert np.array_equal(untile(grid), views)
+
+
+def test_flag_grid_marks_known_quadrants_at_latent_resolution():
+    f = flag_grid([True, False, False, True], 128, 64)
+    assert f.shape == (32, 16, 1)
+    assert f[:16, :8].min() == 1 and f[:16, 8:].max() == 0 and f[16:, :8].max() == 0 and f[16:, 8:].min() == 1
+
+
+def test_scenario_layouts():
+    s = ("source", 0)
+    assert [l.slots for l in plan_layouts(1, 1)] == [(s, s, s, ("target", 0))]                       # scenario 1
+    two = plan_layouts(1, 4)                                                                          # scenario 2
+    assert two[0].slots == (s, ("target", 0), ("target", 1), ("target", 2))
+    assert two[1].slots == (s, ("target", 3), s, s) and two[1].known == (True, False, True, True)
+    assert [l.slots for l in plan_layouts(3, 2)] == [(s, ("source", 1), ("source", 2), ("target", j)) for j in (0, 1)]
+    assert plan_layouts(2, 1)[0].slots == (s, ("source", 1), s, ("target", 0))                       # scenario 3
+    with pytest.raises(ValueError, match="at most 3 source"):
+        plan_layouts(4, 1)
+    with pytest.raises(ValueError, match="at least one source"):
+        plan_layouts(0, 1)
+
+
+def test_compose_blacks_out_unknown_slots():
+    h = w = 64
+    src = [np.full((h, w, 3), 0.5, np.float32)]
+    poses = [np.full((h, w, 3), 0.25, np.float32)]
+    tgt = [np.full((h, w, 3), 0.75, np.float32)]
+    g = compose(plan_layouts(1, 1)[0], src, poses, tgt)
+    views = untile(g["masked_grid"])
+    assert (views[:3] == 0.5).all() and (views[3] == -1).all()
+    assert (untile(g["pose_grid"])[3] == 0.75).all() and g["flag_grid"].shape == (16, 16, 1)
