@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--view-size", type=_view_size, default=(512, 512), help="HEIGHTxWIDTH of each view, multiples of 64")
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=2.0)
-    g.add_argument("--scheduler", choices=("ddim", "dpm++"), default="ddim")
+    g.add_argument("--scheduler", choices=("ddim",), default="ddim")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--batch-size", type=int, default=4, help="grids per compiled batch")
     g.add_argument("--original-inference", action="store_true",
