@@ -26,7 +26,7 @@ def tiny_config():
     from imagpose_jax.models.imagpose import IMAGPoseConfig
     from imagpose_jax.models.unet_config import UNetConfig
     unet = UNetConfig(block_out_channels=(32, 32, 64, 64), cross_attention_dim=48, use_cva=True)
-    return IMAGPoseConfig(unet=unet)
+    return IMAGPoseConfig(unet=unet, patch_size=8)  # 64-pixel views have 8x8 latents: one patch token each
 
 
 def write_random_checkpoints(out: str, size: str = "tiny", seed: int = 0) -> None:

@@ -1,0 +1,77 @@
+"""The sampler as one compiled program, and the high-level pipeline's input checks."""
+import numpy as np
+import pytest
+from flax import nnx
+
+from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
+from imagpose_jax.models.imagpose import IMAGPose
+from imagpose_jax.models.init import ParamKeys
+from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
+from imagpose_jax.sampling.pipeline import IMAGPosePipeline
+from imagpose_jax.sampling.sampler import SamplerConfig
+
+from convert_weights.random_weights import TINY_DINO, TINY_VAE, tiny_config
+
+
+@pytest.fixture(scope="module")
+def models():
+    model = IMAGPose(tiny_config(), rngs=ParamKeys(0))
+    # the zero-initialised layers would hide the pose and CVA paths: give them weights
+    for m in [model.pose_guider.conv_out] + [mm.temporal_transformer.proj_out for b in model.unet.down_blocks for mm in b.motion_modules]:
+        m.kernel[...] = 0.02 * np.random.default_rng(0).standard_normal(m.kernel.shape).astype(np.float32)
+    vae = AutoencoderKL(VAEConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_VAE.items()}), rngs=ParamKeys(1))
+    dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(2))
+    return model, vae, dino
+
+
+def _batch(n, seed, view=64):
+    rng = np.random.default_rng(seed)
+    g = 2 * view
+    return {"masked_grid": rng.uniform(-1, 1, (n, g, g, 3)), "flag_grid": np.ones((n, g // 8, g // 8, 1)),
+            "pose_grid": rng.uniform(0, 1, (n, g, g, 3)), "ref_pixels": rng.uniform(-1, 1, (n, view, view, 3)),
+            "dino_pixels": rng.standard_normal((n, 224, 224, 3))}
+
+
+@pytest.fixture(scope="module")
+def pipe(models):
+    return IMAGPosePipeline(*models, SamplerConfig(num_inference_steps=2))
+
+
+def test_compiled_once_and_batch_independent(pipe):
+    sampler = pipe.sampler
+    noise = np.random.default_rng(9).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    b = _batch(2, 0)
+    first = sampler({k: v[:1] for k, v in b.items()}, noise=noise[:1])
+    assert first.shape == (1, 128, 128, 3) and 0 <= first.min() and first.max() <= 1
+    other = sampler({k: v[1:] for k, v in b.items()}, noise=noise[1:])   # new inputs, same shapes: no new trace
+    assert sampler.traces == 1 and not np.allclose(first, other)
+    both = sampler(b, noise=noise)                                        # a new batch size compiles once more
+    assert sampler.traces == 2
+    np.testing.assert_allclose(both[0], first[0], atol=2e-5)   # a grid's result does not depend on its batch mates
+    np.testing.assert_allclose(both[1], other[0], atol=2e-5)
+
+
+def test_pipeline_input_errors(pipe, tmp_path):
+    img = np.zeros((70, 50, 3), np.uint8)
+    kp = np.full((18, 2), 10.0)
+    with pytest.raises(ValueError, match="not a multiple of 64"):
+        pipe.prepare([img], [kp], [kp], (100, 64))
+    with pytest.raises(ValueError, match="1 source image.*2 source pose"):
+        pipe.prepare([img], [kp, kp], [kp], (64, 64))
+    with pytest.raises(ValueError, match=r"shape \(18, 2\)"):
+        pipe.prepare([img], [np.zeros((17, 2))], [kp], (64, 64))
+    with pytest.raises(ValueError, match="at most 3 source"):
+        pipe.prepare([img] * 4, [kp] * 4, [kp], (64, 64))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        pipe.prepare([str(bad)], [kp], [kp], (64, 64))
+
+
+def test_pipeline_scenarios_give_one_image_per_target(pipe):
+    img = np.random.default_rng(0).integers(0, 255, (80, 60, 3), dtype=np.uint8)
+    kp = np.random.default_rng(1).uniform(5, 60, (18, 2))
+    res = pipe([img], [kp], [kp] * 4, view_size=(64, 64), batch_size=1, progress=False)   # scenario 2, two grids
+    assert len(res.targets) == 4 and len(res.layouts) == 2 and res.targets[0].shape == (64, 64, 3)
+    res3 = pipe([img, img, img], [kp] * 3, [kp], view_size=(64, 64), progress=False)       # scenario 3
+    assert len(res3.targets) == 1 and res3.layouts[0].known == (True, True, True, False)
