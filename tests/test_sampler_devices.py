@@ -1,0 +1,42 @@
+"""Data-parallel sampling over several local devices (4 fake CPU devices, in a subprocess) equals one device."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    import numpy as np, jax
+    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
+    from imagpose_jax.models.imagpose import IMAGPose
+    from imagpose_jax.models.init import ParamKeys
+    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
+    from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
+    from convert_weights.random_weights import TINY_DINO, TINY_VAE, tiny_config
+    model = IMAGPose(tiny_config(), rngs=ParamKeys(0))
+    vae = AutoencoderKL(VAEConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_VAE.items()}),
+                        rngs=ParamKeys(1))
+    dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(2))
+    rng = np.random.default_rng(0)
+    n = 3  # not a multiple of the device count: the sampler pads
+    b = {"masked_grid": rng.uniform(-1, 1, (n, 128, 128, 3)), "flag_grid": np.ones((n, 16, 16, 1)),
+         "pose_grid": rng.uniform(0, 1, (n, 128, 128, 3)), "ref_pixels": rng.uniform(-1, 1, (n, 64, 64, 3)),
+         "dino_pixels": rng.standard_normal((n, 224, 224, 3))}
+    noise = rng.standard_normal((n, 16, 16, 4)).astype(np.float32)
+    s = Sampler(model, vae, dino, SamplerConfig(num_inference_steps=1))
+    assert (s.mesh is not None) == (jax.local_device_count() > 1)
+    np.save(sys.argv[1], s(b, noise=noise))
+''')
+
+
+def _run(tmp_path, devices: int) -> np.ndarray:
+    out = tmp_path / f"out{devices}.npy"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, check=True)
+    return np.load(out)
+
+
+def test_four_devices_equal_one(tmp_path):
+    np.testing.assert_allclose(_run(tmp_path, 4), _run(tmp_path, 1), atol=1e-5)
