@@ -44,10 +44,10 @@ def test_convert_full_size_sd15_and_motion_module(tmp_path):
 
     torch.manual_seed(0)
     UNet2DConditionModel(cross_attention_dim=768, sample_size=64).save_pretrained(tmp_path / "unet")
-    abstract = nnx.state(abstract(lambda k: UNet(UNetConfig(use_cva=True), rngs=k)), nnx.Param)
+    shapes = nnx.state(abstract(lambda k: UNet(UNetConfig(use_cva=True), rngs=k)), nnx.Param)
     rng = np.random.default_rng(0)
     mm = {torch_key(p, UNET_RENAMES): to_torch_layout(str(p[-1]), rng.standard_normal(v.shape, np.float32) * 0.02)
-          for p, v in nnx.to_flat_state(abstract) if "motion_modules" in p}
+          for p, v in nnx.to_flat_state(shapes) if "motion_modules" in p}
     save_torch_file(mm, tmp_path / "mm.ckpt")
     del mm
     t0 = time.perf_counter()
