@@ -1,0 +1,5 @@
+"""Device mesh and partition rules for training (data parallel + FSDP, optional tensor axis)."""
+from imagpose_jax.sharding.mesh import BATCH_AXES, batch_sharding, make_mesh
+from imagpose_jax.sharding.rules import PARTITION_RULES, spec_for, state_shardings
+
+__all__ = ["BATCH_AXES", "PARTITION_RULES", "batch_sharding", "make_mesh", "spec_for", "state_shardings"]

@@ -1,0 +1,56 @@
+"""The training state: the IMAGPose model (fp32 master weights), the frozen VAE and DINOv2, an optimizer
+holding Adam moments for the trainable parameters only, an optional EMA of those, and the step's RNG key.
+
+`init_train_state` builds it abstractly first (`nnx.eval_shape`, no allocation), derives every leaf's
+sharding from the partition rules, then runs the construction once under `jax.jit` with those output
+shardings: each device allocates and initialises only its own shards, nothing is materialised whole on
+one host. Training works on the pair (graphdef, state) that this returns (`nnx.merge` gives the module).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from imagpose_jax.sharding.rules import PARTITION_RULES, Rules, state_shardings
+
+
+class EmaParam(nnx.Variable):
+    """An exponential moving average of a trainable parameter (not an `nnx.Param`: never trained itself)."""
+
+
+def make_tx(learning_rate: float, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.01,
+            eps: float = 1e-8, clip_norm: float = 1.0) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW at a constant learning rate (spec section 6)."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+
+
+class TrainState(nnx.Module):
+    def __init__(self, model: nnx.Module, vae: nnx.Module, dino: nnx.Module, tx: optax.GradientTransformation,
+                 trainable: nnx.filterlib.Filter, *, seed: int, ema: bool = False):
+        self.model, self.vae, self.dino = model, vae, dino
+        self.trainable = trainable
+        self.optimizer = nnx.Optimizer(model, tx, wrt=trainable)
+        self.ema = nnx.data(_ema_copy(nnx.state(model, trainable)) if ema else None)
+        self.rng = nnx.Variable(jax.random.key(seed))
+
+    @property
+    def step(self) -> jax.Array:
+        return self.optimizer.step.get_value()
+
+
+def _ema_copy(params: nnx.State) -> nnx.State:
+    return jax.tree.map(lambda v: EmaParam(v.get_value()), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_train_state(build: Callable[[], TrainState], mesh: Mesh,
+                     rules: Rules = PARTITION_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`build()` (constructing models with `ParamKeys`, never `nnx.Rngs`) -> (graphdef, sharded state, shardings)."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+    shardings = state_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return graphdef, state, shardings
