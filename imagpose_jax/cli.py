@@ -53,6 +53,8 @@ def generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from imagpose_jax.schedulers import SCHEDULERS
+
     p = argparse.ArgumentParser(prog="imagpose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate a person in target poses from 1-3 source images")
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--view-size", type=_view_size, default=(512, 512), help="HEIGHTxWIDTH of each view, multiples of 64")
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=2.0)
-    g.add_argument("--scheduler", choices=("ddim",), default="ddim")
+    g.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="ddim",
+                   help="ddim (30 steps, as the original) or dpmsolver++ (multistep DPM-Solver++: ~15-20 steps suffice)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--batch-size", type=int, default=4, help="grids per compiled batch")
     g.add_argument("--original-inference", action="store_true",

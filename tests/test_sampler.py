@@ -1,14 +1,18 @@
 """The sampler as one compiled program, and the high-level pipeline's input checks."""
+import jax
 import numpy as np
 import pytest
 from flax import nnx
+
+from imagpose_jax.cli import main as cli_main
 
 from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
 from imagpose_jax.models.imagpose import IMAGPose
 from imagpose_jax.models.init import ParamKeys
 from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 from imagpose_jax.sampling.pipeline import IMAGPosePipeline
-from imagpose_jax.sampling.sampler import SamplerConfig
+from imagpose_jax.sampling.sampler import DEFAULT_SCHEDULER, Sampler, SamplerConfig
+from imagpose_jax.schedulers import make_scheduler
 
 from convert_weights.random_weights import TINY_DINO, TINY_VAE, tiny_config
 
@@ -75,3 +79,33 @@ def test_pipeline_scenarios_give_one_image_per_target(pipe):
     assert len(res.targets) == 4 and len(res.layouts) == 2 and res.targets[0].shape == (64, 64, 3)
     res3 = pipe([img, img, img], [kp] * 3, [kp], view_size=(64, 64), progress=False)       # scenario 3
     assert len(res3.targets) == 1 and res3.layouts[0].known == (True, True, True, False)
+
+
+def test_dpm_solver_sampler_compiles_once(models):
+    cfg = SamplerConfig(num_inference_steps=3, scheduler="dpmsolver++")   # with the default (DDIM-flavoured) config
+    sampler = Sampler(*models, cfg)
+    first = sampler(_batch(1, 3), key=jax.random.key(0))
+    second = sampler(_batch(1, 4), key=jax.random.key(1))
+    assert sampler.traces == 1 and first.shape == (1, 128, 128, 3)
+    assert np.isfinite(first).all() and np.isfinite(second).all() and not np.allclose(first, second)
+    with pytest.raises(NotImplementedError, match="eta=0.5"):   # DDIM-only keys only at their neutral values
+        Sampler(*models, cfg.replace(scheduler_config={**DEFAULT_SCHEDULER, "eta": 0.5}))
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_cli_accepts_dpm_solver(monkeypatch, capsys, original):
+    seen = []
+
+    def from_pretrained(weights, cfg):   # stands in for loading weights: check the config and stop
+        seen.append(make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_inference_steps))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IMAGPosePipeline, "from_pretrained", staticmethod(from_pretrained))
+    argv = ["generate", "--weights", "w", "--source", "a.png", "--source-pose", "a.json", "--target-pose", "t.json",
+            "--out", "o", "--steps", "18"] + (["--original-inference"] if original else [])
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(argv + ["--scheduler", "dpmsolver++"])
+    assert type(seen[0]).__name__ == "DPMSolverMultistep" and len(seen[0].timesteps) == 18
+    with pytest.raises(SystemExit):
+        cli_main(argv + ["--scheduler", "euler"])
+    assert "invalid choice: 'euler'" in capsys.readouterr().err

@@ -33,7 +33,9 @@ DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_e
 class SamplerConfig:
     num_inference_steps: int = 30
     guidance_scale: float = 2.0          # out = uncond + g (cond - uncond); no guidance when g <= 1
-    scheduler: str = "ddim"              # a name in imagpose_jax.schedulers.SCHEDULERS
+    scheduler: str = "ddim"              # a name in imagpose_jax.schedulers.SCHEDULERS: "ddim" or "dpmsolver++"
+    # diffusers-style keys. The default suits both samplers: "dpmsolver++" accepts DDIM's `eta` / `clip_sample` at
+    # their neutral values (0, False) and errors otherwise; its own keys (solver_order, ...) default as in diffusers
     scheduler_config: Mapping = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     patch_reference: str = "view"        # "view": the reference at view size (as trained); "grid": resized to 2Hx2W
     dino_squash: bool = False            # squash the reference to 224x224 before CLIP's pre-processing

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 
 from imagpose_jax.schedulers.common import add_noise, alphas_cumprod, get_velocity, make_betas, rescale_zero_terminal_snr, snr
 from imagpose_jax.schedulers.ddim import DDIM, spaced_timesteps
+from imagpose_jax.schedulers.dpm_solver import DPMSolverMultistep, dpm_timesteps
 
-SCHEDULERS = {"ddim": DDIM}
+SCHEDULERS = {"ddim": DDIM, "dpmsolver++": DPMSolverMultistep}
 
 
 def make_scheduler(name: str, config: Mapping, num_inference_steps: int):
@@ -22,5 +23,5 @@ def make_scheduler(name: str, config: Mapping, num_inference_steps: int):
     return SCHEDULERS[name](dict(config), num_inference_steps)
 
 
-__all__ = ["DDIM", "SCHEDULERS", "add_noise", "alphas_cumprod", "get_velocity", "make_betas", "make_scheduler",
-           "rescale_zero_terminal_snr", "snr", "spaced_timesteps"]
+__all__ = ["DDIM", "DPMSolverMultistep", "SCHEDULERS", "add_noise", "alphas_cumprod", "dpm_timesteps", "get_velocity",
+           "make_betas", "make_scheduler", "rescale_zero_terminal_snr", "snr", "spaced_timesteps"]
