@@ -12,6 +12,7 @@ CORE = [
     "safetensors>=0.4,<1",
     "pillow>=10,<14",
     "tqdm>=4.60,<5",
+    "tensorboardX>=2.6,<3",  # TensorBoard scalars and sample grids from the train loop, without TensorFlow
 ]
 # PyTorch side: reading the original's on-disk formats and serving as test references.
 TORCH = [
@@ -19,7 +20,10 @@ TORCH = [
     "diffusers>=0.30,<0.43",
     "transformers>=4.45,<6",
 ]
-TEST = TORCH + ["pytest>=8,<10"]
+# scikit-image: the SSIM/PSNR reference. The LPIPS/FID references (torchvision, lpips, pytorch-fid) are
+# deliberately absent: PyPI's torchvision is a CUDA build whose import fails next to the CPU torch, and
+# then breaks `transformers` too; tests/test_metrics.py installs them into a private folder instead.
+TEST = TORCH + ["pytest>=8,<10", "scikit-image>=0.24,<0.27"]
 
 setup(
     name="imagpose-jax",

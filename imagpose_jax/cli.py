@@ -3,6 +3,7 @@
   imagpose generate --weights weights/ --source person.png --source-pose person_pose.json \\
       --target-pose t1.json [--target-pose t2.png ...] [--view-size 512x512] --out results/
   imagpose demo --out outputs/demo         (the whole system on an embedded default)
+  imagpose train --config configs/stage1.py --workdir runs/stage1   (one training stage; see launch/ for pods)
   imagpose make-dataset data/ ...          (the synthetic pose-transfer dataset)
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.set_defaults(fn=generate)
     for name, text in (("demo", "the whole system on an embedded default (see imagpose demo --help)"),
+                       ("train", "train one stage from a config file (see imagpose train --help)"),
                        ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)")):
         sub.add_parser(name, help=text, add_help=False)
     return p
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["demo"]:
         from imagpose_jax.demo import main as demo_main
         return demo_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from imagpose_jax.train.main import main as train_main
+        return train_main(argv[1:])
     if argv[:1] == ["make-dataset"]:
         from imagpose_jax.data.synthetic import main as dataset_main
         return dataset_main(argv[1:])

@@ -1,5 +1,18 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests run on the CPU with exact float32 matmuls, whatever machine they are on.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# One persistent compilation cache for the session, inherited by the tests' subprocesses (the CLI and
+# multi-device tests compile the same tiny programs as the in-process ones). Set JAX_COMPILATION_CACHE_DIR
+# to keep a cache across sessions.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="imagpose-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -15,8 +15,6 @@ from imagpose_jax.train.step import StepConfig, guidance_keep
 from imagpose_jax.train.config import model_config, training_schedule
 from train_fixtures import diffusers_alphas_cumprod, tiny_config
 
-# Work in progress (issue 4): slow on 2 CPU cores, excluded from the default suite until reviewed.
-pytestmark = pytest.mark.slow
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -9,8 +9,6 @@ import textwrap
 
 import pytest
 
-# Work in progress (issue 4): slow on 2 CPU cores, excluded from the default suite until reviewed.
-pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np

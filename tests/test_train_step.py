@@ -11,8 +11,6 @@ from flax import nnx
 from imagpose_jax.train.stages import CVA
 from train_fixtures import REAL_VAE, build, tiny_batch, tiny_config
 
-# Work in progress (issue 4): slow on 2 CPU cores, excluded from the default suite until reviewed.
-pytestmark = pytest.mark.slow
 
 STEPS = 60
 

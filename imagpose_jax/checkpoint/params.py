@@ -43,12 +43,19 @@ def read_config(folder: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = "", dtype=None) -> nnx.State:
-    """Fills `abstract` (e.g. `nnx.state(nnx.eval_shape(...), nnx.Param)`) from `folder`, strictly."""
+def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = "", dtype=None,
+                shardings: nnx.State | None = None) -> nnx.State:
+    """Fills `abstract` (e.g. `nnx.state(nnx.eval_shape(...), nnx.Param)`) from `folder`, strictly.
+
+    With `shardings` (same structure, `NamedSharding` leaves) every array is assembled from the slices this
+    host's devices hold (`jax.make_array_from_callback` over safetensors' lazy slices): no host reads or
+    builds a whole sharded tensor.
+    """
     from safetensors import safe_open
     path = os.path.join(folder, PARAMS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: missing weights")
+    flat_sh = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     out, missing, wrong = [], [], []
     with safe_open(path, framework="numpy") as f:
         keys = set(f.keys())
@@ -59,11 +66,19 @@ def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = ""
             if k not in keys:
                 missing.append(k)
                 continue
-            a = f.get_tensor(k)
-            if tuple(a.shape) != tuple(var.shape):
-                wrong.append(f"{k}: file {tuple(a.shape)}, model {tuple(var.shape)}")
+            sl = f.get_slice(k)
+            if tuple(sl.get_shape()) != tuple(var.shape):
+                wrong.append(f"{k}: file {tuple(sl.get_shape())}, model {tuple(var.shape)}")
                 continue
-            out.append((p, var.replace(jnp.asarray(a, dtype or var.dtype))))
+            dt = dtype or var.dtype
+            if p in flat_sh:
+                sh = flat_sh[p]
+                sh = sh.get_value() if hasattr(sh, "get_value") else sh
+                value = jax.make_array_from_callback(tuple(var.shape), sh,
+                                                     lambda idx, sl=sl, dt=dt: np.asarray(sl[idx], dt))
+            else:
+                value = jnp.asarray(f.get_tensor(k), dt)
+            out.append((p, var.replace(value)))
         unexpected = sorted(k for k in keys - wanted if k.startswith(prefix))
     if missing or wrong or unexpected:
         raise ValueError(f"{path} does not match its model: missing {missing[:10]}, shape mismatches {wrong[:10]}, "

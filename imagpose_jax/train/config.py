@@ -1,7 +1,9 @@
 """The training configuration shared by `configs/stage{1,2,3}.py` (ml-collections), and the objects built
 from it. Variants: "full" (the original's settings, spec section 6: SD1.5-size models, 8 GPUs) and
-"tiny" (random-weight models small enough for CPU tests: UNet channels (32, 32, 64, 64), cross-attention
-dim 48, 64x64 views, patch size 4, a tiny VAE and a 2-layer DINOv2).
+"tiny" (random-weight models small enough for CPU tests: a two-level UNet (channels 32, 64; one layer per
+block; CVA at both levels and in the mid block), cross-attention dim 48, 64x64 views, patch size 4, a tiny VAE
+and a 2-layer DINOv2). XLA's compile time on the CPU grows with the number of parameter tensors, so the tiny
+UNet keeps few of them.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, nor
 TINY_VAE = dict(SD15_VAE, block_out_channels=(32, 32, 64, 64), layers_per_block=1)
 DINO_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
                  image_size=518)
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=48, num_attention_heads=(2, 2),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 only_cross_attention=(False, False))
 TINY_DINO = dict(DINO_BASE, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=224)
 
 
@@ -42,14 +47,29 @@ def base_config(stage: int, variant: str = "full") -> ml_collections.ConfigDict:
     tiny = variant == "tiny"
     c = ml_collections.ConfigDict()
     c.stage = stage
+    c.variant = variant
     c.seed = 0
     c.steps = 100 if tiny else steps
-    c.unet = dict(use_cva=stage != 1, **(dict(block_out_channels=(32, 32, 64, 64), cross_attention_dim=48)
-                                         if tiny else {}))
+    c.unet = dict(use_cva=stage != 1, **(TINY_UNET if tiny else {}))
     c.patch_size = 4 if tiny else 16  # tiny: a 64x64 view's 8x8 reference latents give 2x2 patch tokens
     c.vae = TINY_VAE if tiny else SD15_VAE
     c.dino = TINY_DINO if tiny else DINO_BASE
-    c.data = dict(height=64 if tiny else 512, width=64 if tiny else 512, batch_size=2 if tiny else 32)
+    # Data (`train/inputs.py`). format: "synthetic" (written under the workdir if `path` is empty),
+    # "imagpose_json" (`index`: the original's JSON list of per-person image lists) or "deepfashion"
+    # (`annotations`: fasion-resize-annotation-*.csv, `image_dir`). batch_size is global (all hosts).
+    c.data = dict(format="synthetic" if tiny else "imagpose_json", path="", index="", annotations="", image_dir="",
+                  height=64 if tiny else 512, width=64 if tiny else 512, batch_size=2 if tiny else 32,
+                  read_threads=0 if tiny else 8, worker_count=0, prefetch=8, skip_corrupt=False,
+                  synthetic=dict(num_persons=12, poses_per_person=6, seed=0, test_fraction=0.25))
+    # Pretrained weights (converted parameter folders, `imagpose-convert`); empty: random initialisation.
+    # model: stage 1 `imagpose-convert sd15 --unet-dir ...`; stage 2 `imagpose-convert add-cva --params
+    # <stage-1 export>/denoiser --motion-module ...`; stage 3 the stage-2 export. vae / image_encoder:
+    # the `vae/` and `image_encoder/` folders of `imagpose-convert pipeline` (or `vae`/`dinov2` conversions).
+    c.init = dict(model="", vae="", image_encoder="")
+    # The loop (`train/loop.py`): metrics every log_every steps (metrics.jsonl + TensorBoard), orbax
+    # checkpoints every checkpoint_every steps (newest `keep` kept), sample grids every sample_every (0: never).
+    c.train = dict(log_every=1 if tiny else 50, checkpoint_every=50 if tiny else 2000, keep=3, async_checkpoint=True,
+                   sample_every=0 if tiny else 5000, sample_steps=10 if tiny else 30, sample_guidance=2.0)
     c.optim = dict(learning_rate=lr, b1=0.9, b2=0.999, weight_decay=0.01, eps=1e-8, clip_norm=1.0)
     c.noise = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    rescale_betas_zero_snr=True, prediction_type="v_prediction")
@@ -96,3 +116,46 @@ def state_builder(c: ml_collections.ConfigDict,
                           Dinov2Model(Dinov2Config.from_dict(c.dino.to_dict()), rngs=keys), optimizer(c),
                           trainable_filter(c.stage), seed=c.seed, ema=c.ema)
     return build
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:variant]` -> its `get_config(variant)`, then `key.sub=value` overrides (values read
+    as Python literals where they parse, else as strings; an unknown key or a wrong type is an error)."""
+    import ast
+    import importlib.util
+    import os
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(f"_imagpose_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path} has no get_config()")
+    c = module.get_config(variant) if variant else module.get_config()
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        parent = c
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in parent:
+                raise KeyError(f"override {key!r}: no config field {p!r}")
+            parent = parent[p]
+        if parts[-1] not in parent:
+            raise KeyError(f"override {key!r}: no config field {parts[-1]!r} (have {sorted(parent.keys())})")
+        old = parent[parts[-1]]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            parent[parts[-1]] = value
+        except TypeError as err:
+            raise TypeError(f"override {key!r}={text!r}: {err}") from err
+    return c

@@ -1,0 +1,5 @@
+import sys
+
+from imagpose_jax.train.main import main
+
+sys.exit(main())

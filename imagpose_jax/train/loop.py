@@ -1,0 +1,222 @@
+"""The training loop (spec section 6): `train(config, workdir)` runs or resumes one stage.
+
+  workdir/config.json        the resolved config
+  workdir/checkpoints/<N>/   orbax checkpoints (train state + data-iterator position), newest `train.keep`
+  workdir/metrics.jsonl      one line per step: step, loss, grad_norm, steps_per_s (appended; a resumed run
+                             rewrites the steps after its checkpoint, so the last line per step counts)
+  workdir/tb/                TensorBoard scalars (and sample grids)
+  workdir/samples/step_N.png sample grids every `train.sample_every` steps (sources | pose | generated | truth)
+  workdir/export/            at the end: denoiser/ (and denoiser_ema/), vae/, image_encoder/ parameter
+                             folders, loadable by `IMAGPosePipeline.from_pretrained`
+
+A run killed at any point resumes from its latest complete checkpoint with the same parameters, optimizer
+moments, step, RNG key and data position, so its losses continue exactly as an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from imagpose_jax.checkpoint.train_state import TrainCheckpointer
+from imagpose_jax.sharding import batch_sharding, make_mesh
+from imagpose_jax.train import config as tc
+from imagpose_jax.train.inputs import sample_examples, train_iterator
+from imagpose_jax.train.pretrained import load_pretrained
+from imagpose_jax.train.state import init_train_state
+from imagpose_jax.train.step import TrainStep, host_batch
+
+
+class MetricWriter:
+    """metrics.jsonl and TensorBoard scalars/images, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.tb = None
+        if self.enabled:
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                logging.warning("tensorboardX is not installed: no TensorBoard scalars (metrics.jsonl only)")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(name, image, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.jsonl.flush()
+            if self.tb is not None:
+                self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Each host's rows of the global batch -> global arrays split over ('data', 'fsdp')."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """(graphdef, sharded state, shardings): random init (jitted, sharded), then the pretrained weights."""
+    graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
+    return graphdef, load_pretrained(state, shardings, c), shardings
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+    """Trains `c.steps` steps (resuming from the latest checkpoint in `workdir`); returns a summary."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=1))
+    mesh = make_mesh(**c.mesh.to_dict())
+    t0 = time.perf_counter()
+    graphdef, state, shardings = build_state(c, mesh)
+    iterator = train_iterator(c, workdir, mesh)
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep,
+                             async_save=c.train.async_checkpoint)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state, shardings, iterator)
+        logging.info("resumed from step %d", start)
+    init_s = time.perf_counter() - t0
+    step_fn = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
+                        batch_sharding=batch_sharding(mesh))
+    writer = MetricWriter(workdir)
+    examples = sample_examples(c, workdir) if c.train.sample_every else []
+    bar = _progress(progress, start, c.steps)
+    pending, last_log, losses = [], time.perf_counter(), []
+    first_step_s = None
+    kill_at = int(os.environ.get("IMAGPOSE_KILL_AT_STEP", "0"))
+    try:
+        for step in range(start + 1, c.steps + 1):
+            t_step = time.perf_counter()
+            batch = to_global(host_batch(next(iterator)), mesh)
+            state, metrics = step_fn(state, batch)
+            pending.append((step, metrics))
+            if first_step_s is None:
+                jax.block_until_ready(metrics["loss"])
+                first_step_s = time.perf_counter() - t_step
+            if step % c.train.log_every == 0 or step == c.steps:
+                now = time.perf_counter()
+                rate = len(pending) / max(now - last_log, 1e-9)
+                for s, m in jax.device_get(pending):
+                    values = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "steps_per_s": rate}
+                    writer.scalars(s, values)
+                    losses.append(values["loss"])
+                writer.flush()
+                pending, last_log = [], now
+                if bar is not None:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", steps_per_s=f"{rate:.2f}")
+            if bar is not None:
+                bar.update(1)
+            if step % c.train.checkpoint_every == 0 or step == c.steps:
+                ckpt.save(step, state, iterator)
+            if c.train.sample_every and (step % c.train.sample_every == 0 or step == c.steps):
+                write_samples(c, graphdef, state, examples, workdir, step, writer)
+            if step == kill_at:  # fault injection for the kill-and-resume test: no cleanup, like a lost host
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        ckpt.close()
+        writer.close()
+        if bar is not None:
+            bar.close()
+    export_dir = export(c, graphdef, state, workdir)
+    return {"start_step": start, "steps": c.steps, "init_s": round(init_s, 2),
+            "first_step_s": None if first_step_s is None else round(first_step_s, 2),
+            "final_loss": losses[-1] if losses else None, "export": export_dir,
+            "skipped_corrupt": iterator.skipped_corrupt, "traces": step_fn.traces}
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _host(x) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def ema_params(ts) -> nnx.State:
+    """The model's parameters with the EMA's values in place of the trained ones (the EMA covers the trainable ones)."""
+    flat = dict(nnx.to_flat_state(nnx.state(ts.model, nnx.Param)))
+    for p, v in nnx.to_flat_state(ts.ema):
+        flat[p] = flat[p].replace(v.get_value())
+    return nnx.from_flat_state(list(flat.items()))
+
+
+def export(c: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: nnx.State, workdir: str) -> str:
+    """Parameter folders for inference: denoiser/ (+ denoiser_ema/), vae/, image_encoder/."""
+    from imagpose_jax.checkpoint.params import save_params
+    ts = nnx.merge(graphdef, state)
+    out = os.path.join(workdir, "export")
+    parts = {"denoiser": (tc.model_config(c).to_dict(), nnx.state(ts.model, nnx.Param)),
+             "vae": (c.vae.to_dict(), nnx.state(ts.vae, nnx.Param)),
+             "image_encoder": (c.dino.to_dict(), nnx.state(ts.dino, nnx.Param))}
+    if ts.ema is not None:
+        parts["denoiser_ema"] = (parts["denoiser"][0], ema_params(ts))
+    for name, (config, params) in parts.items():
+        host = jax.tree.map(_host, params)
+        if jax.process_index() == 0:
+            save_params(os.path.join(out, name), config, host)
+    return out
+
+
+def write_samples(c, graphdef, state, examples, workdir, step, writer) -> None:
+    """Sample grids for fixed held-out examples with the current (EMA if kept) weights."""
+    if not examples:
+        return
+    if jax.process_count() > 1:
+        logging.warning("sample grids are written on single-host runs only; skipped at step %d", step)
+        return
+    from imagpose_jax.preprocess import clip_preprocess
+    from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
+    ts = nnx.merge(graphdef, state)
+    model = ts.model
+    if ts.ema is not None:
+        model_def, _, rest = nnx.split(ts.model, nnx.Param, ...)
+        model = nnx.merge(model_def, ema_params(ts), rest)
+    cfg = SamplerConfig(num_inference_steps=c.train.sample_steps, guidance_scale=c.train.sample_guidance,
+                        scheduler_config={**SamplerConfig().scheduler_config, **c.noise.to_dict()})
+    sampler = Sampler(model, ts.vae, ts.dino, cfg)
+    batch = {"masked_grid": np.stack([e["masked_grid"] for e in examples]),
+             "flag_grid": np.stack([e["flag_grid"] for e in examples]),
+             "pose_grid": np.stack([e["pose_grid"] for e in examples]),
+             "ref_pixels": np.stack([e["ref_image"] for e in examples]),
+             "dino_pixels": np.stack([clip_preprocess(e["ref_image_uint8"]) for e in examples])}
+    images = sampler(batch, key=jax.random.key(c.seed))  # (B, 2H, 2W, 3) in [0, 1]
+    rows = [np.concatenate([(e["masked_grid"] + 1) / 2, e["pose_grid"], img, (e["gt_grid"] + 1) / 2], axis=1)
+            for e, img in zip(examples, images)]
+    sheet = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)
+    folder = os.path.join(workdir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    from PIL import Image
+    Image.fromarray(sheet).save(os.path.join(folder, f"step_{step}.png"))
+    writer.image(step, "samples", sheet)

@@ -1,0 +1,60 @@
+"""Pretrained weights into the sharded train state: converted parameter folders (`imagpose-convert`), read
+strictly (every key and shape checked) and slice by slice onto the devices that hold them."""
+from __future__ import annotations
+
+import json
+import logging
+
+import ml_collections
+from flax import nnx
+
+from imagpose_jax.checkpoint.params import load_params, read_config
+
+PARTS = {"model": "model", "vae": "vae", "image_encoder": "dino"}  # config.init key -> TrainState attribute
+
+
+def _check_model_config(folder: str, c: ml_collections.ConfigDict) -> None:
+    from imagpose_jax.models.imagpose import IMAGPoseConfig
+    from imagpose_jax.train.config import model_config
+    theirs, ours = IMAGPoseConfig.from_case(read_config(folder)).to_dict(), model_config(c).to_dict()
+    for d in (theirs, ours):
+        d["unet_config"].pop("attn_impl", None)
+    if theirs != ours:
+        diff = {k: (theirs["unet_config"].get(k), v) for k, v in ours["unet_config"].items()
+                if theirs["unet_config"].get(k) != v}
+        raise ValueError(f"{folder}: its model settings differ from the config's (folder, config): "
+                         f"{json.dumps(diff, default=str)[:800] or theirs}")
+
+
+def load_pretrained(state: nnx.State, shardings: nnx.State, c: ml_collections.ConfigDict) -> nnx.State:
+    """`state` with the parameters of `c.init.{model, vae, image_encoder}` (those given) loaded in place of
+    the random ones; the EMA (if any) restarts from the loaded weights."""
+    for key, attr in PARTS.items():
+        folder = c.init.get(key, "")
+        if not folder:
+            if c.variant != "tiny":
+                logging.warning("init.%s is not set: the %s starts from random weights", key, attr)
+            continue
+        if key == "model":
+            _check_model_config(folder, c)
+        params = load_params(folder, _params(state[attr]), shardings=_params(shardings[attr]))
+        _merge(state[attr], params)
+        if key == "model" and "ema" in state and state["ema"] is not None:
+            _merge(state["ema"], _subset(params, state["ema"]))
+    return state
+
+
+def _params(sub: nnx.State) -> nnx.State:
+    return nnx.filter_state(sub, nnx.Param)
+
+
+def _merge(target: nnx.State, values: nnx.State) -> None:
+    """Writes the leaves of `values` into `target` (same paths), keeping each target Variable's type."""
+    flat = dict(nnx.to_flat_state(target))
+    for path, v in nnx.to_flat_state(values):
+        flat[path].set_value(v.get_value() if hasattr(v, "get_value") else v)
+
+
+def _subset(values: nnx.State, like: nnx.State) -> nnx.State:
+    paths = {p for p, _ in nnx.to_flat_state(like)}
+    return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(values) if p in paths])
