@@ -24,6 +24,9 @@ TORCH = [
 # deliberately absent: PyPI's torchvision is a CUDA build whose import fails next to the CPU torch, and
 # then breaks `transformers` too; tests/test_metrics.py installs them into a private folder instead.
 TEST = TORCH + ["pytest>=8,<10", "scikit-image>=0.24,<0.27"]
+# The optional TFDS builder of DeepFashion's manual download (imagpose_jax/data/tfds_deepfashion.py). Builds and
+# reads array_record files without TensorFlow; tfds 4.9 imports importlib_resources without declaring it.
+TFDS = ["tensorflow-datasets>=4.9.9,<4.10", "importlib_resources>=5"]
 
 setup(
     name="imagpose-jax",
@@ -32,7 +35,7 @@ setup(
     packages=find_packages(include=["imagpose_jax", "imagpose_jax.*", "convert_weights", "convert_weights.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"torch": TORCH, "test": TEST},
+    extras_require={"torch": TORCH, "test": TEST, "tfds": TFDS},
     entry_points={"console_scripts": [
         "imagpose=imagpose_jax.cli:main",
         "imagpose-convert=convert_weights.cli:main",

@@ -5,6 +5,7 @@
   imagpose-convert sd15 --unet-dir sd15/unet [--motion-module mm_sd_v15_v2.ckpt] --out ckpt/
   imagpose-convert pipeline --unet ... --pose-guider ... --patch ... --vae sd-vae-ft-mse/ \
       --image-encoder dinov2-base/ [--config config.json] --out weights/
+  imagpose-convert add-cva --params runs/stage1/export/denoiser --motion-module mm_sd_v15_v2.ckpt --out stage2_init/
   imagpose-convert export --params ckpt/ --out torch_ckpt/ [--step N]
 
 `--config` is a JSON with `unet_config` / `pose_guider_config` / `patch_config` (the original's settings, as in
@@ -52,6 +53,27 @@ def convert_sd15(args) -> None:
     mm = load_torch_file(args.motion_module) if args.motion_module else None
     unet = unet_from_sd15(unet_cfg, sd, mm, source=args.unet_dir)
     save_params(args.out, cfg.to_dict(), nnx.State({"unet": unet, **_init_heads(cfg, args.seed)}))
+
+
+def add_cva(args) -> None:
+    """A stage-1 parameter folder (no CVA) + a motion-module checkpoint -> the stage-2 initialisation: the same
+    UNet, pose guider and patch embedding, with CVA modules from the motion module (strictly converted)."""
+    from convert_weights.core import load_torch_file, nnx_to_torch
+    from convert_weights.imagpose import UNET_RENAMES, unet_from_sd15
+    from imagpose_jax.checkpoint import save_params
+    from imagpose_jax.checkpoint.params import load_params, read_config
+    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    from imagpose_jax.models.init import abstract
+
+    cfg = IMAGPoseConfig.from_case(read_config(args.params))
+    if cfg.unet.use_cva:
+        raise SystemExit(f"error: {args.params} already has CVA modules (use_cva=true): expected a stage-1 folder")
+    params = load_params(args.params, nnx.state(abstract(lambda k: IMAGPose(cfg, rngs=k)), nnx.Param))
+    cva_cfg = cfg.replace(unet=cfg.unet.replace(use_cva=True))
+    unet_sd = nnx_to_torch(params["unet"], renames=UNET_RENAMES)
+    unet = unet_from_sd15(cva_cfg.unet, unet_sd, load_torch_file(args.motion_module), source=args.motion_module)
+    save_params(args.out, cva_cfg.to_dict(),
+                nnx.State({"unet": unet, "pose_guider": params["pose_guider"], "patch": params["patch"]}))
 
 
 def _init_heads(cfg, seed: int) -> dict:
@@ -107,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised pose guider and patch embedding")
     b.add_argument("--out", required=True)
     b.set_defaults(fn=convert_sd15)
+    e = sub.add_parser("add-cva", help="stage-1 parameter folder + motion module -> stage-2 initialisation (CVA added)")
+    e.add_argument("--params", required=True, help="a stage-1 parameter folder (e.g. runs/stage1/export/denoiser)")
+    e.add_argument("--motion-module", required=True, help="AnimateDiff-style motion module (.ckpt/.pth/.safetensors)")
+    e.add_argument("--out", required=True)
+    e.set_defaults(fn=add_cva)
     d = sub.add_parser("pipeline", help="IMAGPose .pth files + diffusers VAE + transformers DINOv2 -> an inference folder")
     d.add_argument("--unet", required=True)
     d.add_argument("--pose-guider", required=True)

@@ -192,3 +192,27 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         load_torch_file(bad)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_torch_file(tmp_path / "nope.pth")
+
+
+def test_add_cva_gives_the_stage2_initialisation(tmp_path):
+    """`imagpose-convert add-cva`: a stage-1 parameter folder + a motion-module file == the whole CVA model;
+    a folder that already has CVA is refused."""
+    from convert_weights.cli import main as convert_main
+    from imagpose_jax.checkpoint import save_params
+    from imagpose_jax.checkpoint.params import load_params
+    from imagpose_jax.models.imagpose import IMAGPose
+    folder, cfg = _golden_case("cva_forward")
+    whole = load_imagpose(cfg, folder / "denoising_unet.pth", folder / "pose_guider.pth", folder / "patch.pth")
+    sd = load_torch_file(folder / "denoising_unet.pth")
+    save_torch_file({k: v for k, v in sd.items() if ".motion_modules." in k}, tmp_path / "mm.safetensors")
+    stage1 = cfg.replace(unet=cfg.unet.replace(use_cva=False))
+    unet1 = unet_from_sd15(stage1.unet, {k: v for k, v in sd.items() if ".motion_modules." not in k})
+    save_params(tmp_path / "stage1", stage1.to_dict(),
+                nnx.State({"unet": unet1, "pose_guider": whole["pose_guider"], "patch": whole["patch"]}))
+    assert convert_main(["add-cva", "--params", str(tmp_path / "stage1"), "--motion-module",
+                         str(tmp_path / "mm.safetensors"), "--out", str(tmp_path / "stage2")]) == 0
+    got = load_params(tmp_path / "stage2", nnx.state(abstract(lambda k: IMAGPose(cfg, rngs=k)), nnx.Param))
+    assert _same_state(got, whole)
+    with pytest.raises(SystemExit, match="already has CVA"):
+        convert_main(["add-cva", "--params", str(tmp_path / "stage2"), "--motion-module",
+                      str(tmp_path / "mm.safetensors"), "--out", str(tmp_path / "again")])

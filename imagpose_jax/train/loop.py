@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from imagpose_jax.checkpoint.train_state import TrainCheckpointer
-from imagpose_jax.sharding import batch_sharding, make_mesh
+from imagpose_jax.sharding import batch_sharding, host_batch_to_global, make_mesh
 from imagpose_jax.train import config as tc
 from imagpose_jax.train.inputs import sample_examples, train_iterator
 from imagpose_jax.train.pretrained import load_pretrained
@@ -73,12 +73,6 @@ class MetricWriter:
                 self.tb.close()
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Each host's rows of the global batch -> global arrays split over ('data', 'fsdp')."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
 def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """(graphdef, sharded state, shardings): random init (jitted, sharded), then the pretrained weights."""
     graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
@@ -113,7 +107,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     try:
         for step in range(start + 1, c.steps + 1):
             t_step = time.perf_counter()
-            batch = to_global(host_batch(next(iterator)), mesh)
+            batch = host_batch_to_global(host_batch(next(iterator)), mesh)
             state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
             if first_step_s is None:

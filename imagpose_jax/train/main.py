@@ -35,12 +35,8 @@ def main(argv=None) -> int:
     args, overrides = parse(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    try:
-        from imagpose_jax.sharding.distributed import initialize_distributed
-    except ImportError:  # pragma: no cover
-        initialize_distributed = None
-    if initialize_distributed is not None:
-        initialize_distributed(args.distributed)
+    from imagpose_jax.sharding.distributed import initialize_distributed
+    initialize_distributed(args.distributed)
     from imagpose_jax.train.config import load_config
     from imagpose_jax.train.loop import train
     c = load_config(args.config, overrides)
