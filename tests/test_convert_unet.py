@@ -153,7 +153,8 @@ def test_motion_module_files_give_the_cva_model(tmp_path, fmt):
 
 def test_export_round_trip_is_identity(tmp_path):
     """ours -> the original's .pth files reproduces the original's state dicts: same keys, dtypes and values
-    (keys come out sorted, not in PyTorch's registration order, which loading by name ignores)."""
+    (keys come out sorted, not in PyTorch's registration order, which loading by name ignores); the `pe`
+    buffers, recomputed, within one float32 ulp."""
     for case in ("cva_forward", "stage1_forward"):
         folder, cfg = _golden_case(case)
         params = load_imagpose(cfg, folder / "denoising_unet.pth", folder / "pose_guider.pth", folder / "patch.pth")
@@ -164,7 +165,13 @@ def test_export_round_trip_is_identity(tmp_path):
             back = torch.load(paths[name], map_location="cpu", weights_only=True)
             assert sorted(back) == sorted(orig), f"{name}: keys differ"
             for k in orig:
-                assert back[k].dtype == orig[k].dtype and torch.equal(back[k], orig[k]), k
+                assert back[k].dtype == orig[k].dtype, k
+                if k.endswith("pos_encoder.pe"):
+                    # The fixed sinusoidal table is recomputed with torch's float32 sin/cos, whose vector code
+                    # differs by one ulp between CPUs (seen: 85 of 2048 entries at dim 64, |diff| 9.5e-7).
+                    torch.testing.assert_close(back[k], orig[k], rtol=0, atol=2e-6, msg=k)
+                else:
+                    assert torch.equal(back[k], orig[k]), k
 
 
 def test_non_standard_position_table_is_rejected():

@@ -58,6 +58,19 @@ SCRIPT = textwrap.dedent("""
     for path, v in nnx.to_flat_state(only):
         np.testing.assert_array_equal(np.asarray(v.get_value()), p8[path], err_msg=str(path))
     print("restored", len(flat_b), "leaves onto 1 device; params-only restore of", len(nnx.to_flat_state(only)))
+
+    # A converted parameter folder loads into the sharded state slice by slice (`init.model`), strictly.
+    from imagpose_jax.checkpoint import save_params
+    from imagpose_jax.train.pretrained import load_pretrained
+    folder = tempfile.mkdtemp()
+    save_params(folder, tc.model_config(c).to_dict(), nnx.state(nnx.merge(graphdef, back).model, nnx.Param))
+    c.init.model = folder
+    loaded = load_pretrained(new8, shardings8, c)
+    for path, v in nnx.to_flat_state(nnx.filter_state(loaded["model"], nnx.Param)):
+        value = v.get_value()
+        assert value.sharding == dict(nnx.to_flat_state(shardings8["model"]))[path].get_value(), path
+        np.testing.assert_array_equal(np.asarray(value), p8[path], err_msg=str(path))
+    c.init.model = ""
     print("loss 1 device", l1, "8 devices", l8, "specs", sorted(specs8))
     assert "P(None, None, None, 'fsdp')" in specs8 and "P('fsdp', None)" in specs8, specs8
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
