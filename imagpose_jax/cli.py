@@ -2,7 +2,7 @@
 
   imagpose generate --weights weights/ --source person.png --source-pose person_pose.json \\
       --target-pose t1.json [--target-pose t2.png ...] [--view-size 512x512] --out results/
-  imagpose demo --out outputs/demo         (the whole system on an embedded default)
+  imagpose demo --out outputs/demo         (main job: synthetic data, VAE + denoiser training, 3 scenarios scored)
   imagpose train --config configs/stage1.py --workdir runs/stage1   (one training stage; see launch/ for pods)
   imagpose make-dataset data/ ...          (the synthetic pose-transfer dataset)
 """
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reproduce the original's inference exactly (spec section 8), e.g. for its checkpoints")
     g.add_argument("--out", required=True)
     g.set_defaults(fn=generate)
-    for name, text in (("demo", "the whole system on an embedded default (see imagpose demo --help)"),
+    for name, text in (("demo", "main job: synthetic data -> training -> the 3 scenarios, scored (see imagpose demo --help)"),
                        ("train", "train one stage from a config file (see imagpose train --help)"),
                        ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)")):
         sub.add_parser(name, help=text, add_help=False)

@@ -34,7 +34,7 @@ class DemoConfig:
     test_fraction: float = 0.2
     view: int = 64                   # view size (the grid is 2x)
     vae_steps: int = 600
-    vae_time_s: float = 150.0       # the VAE pre-training stops at vae_steps or after this many seconds
+    vae_time_s: float = 0.0         # > 0: also stop the VAE pre-training after this many seconds (not reproducible)
     vae_batch: int = 16
     vae_lr: float = 1e-3
     stage: int = 3
@@ -191,7 +191,7 @@ def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     train_images = load_views([v.image for p in train_persons for v in p.views], dc.view, dc.view)
     vae, vae_cfg, vae_summary = train_vae(train_images, c.vae.to_dict(), steps=dc.vae_steps, batch_size=dc.vae_batch,
                                           learning_rate=dc.vae_lr, seed=dc.seed,
-                                          time_limit_s=dc.vae_time_s, log=_log if progress else None)
+                                          time_limit_s=dc.vae_time_s or None, log=_log if progress else None)
     vae_folder = os.path.join(out, "vae")
     save_vae(vae_folder, vae, vae_cfg)
     held = load_views([v.image for p in test_persons for v in p.views], dc.view, dc.view)
