@@ -1,0 +1,1 @@
+"""Reproducible benchmarks (not tests): one script per item, `python -m benchmarks.<name> --help`."""
