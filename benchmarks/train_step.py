@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     write_result(f"train_step_{jax.default_backend()}_{a.size}", {"benchmark": "train_step", **row,
                                                                    "devices": n_dev, "device_kind": kind,
                                                                    "peak_flops_per_device": peak,
+                                                                   "unet_config": c.unet.to_dict(),
                                                                    "machine": machine_info()}, a.out)
     return 0
 
