@@ -95,27 +95,27 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_gib() -> float:
-    """Peak resident set since start or the last `reset_peak_rss` (VmHWM), GiB."""
+def _proc_status_gib(field: str) -> float | None:
+    """A memory line of /proc/self/status (VmHWM, VmRSS) in GiB, or None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return None
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set since start or the last `reset_peak_rss` (VmHWM), GiB."""
+    peak = _proc_status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def rss_gib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
+    rss = _proc_status_gib("VmRSS")
+    return rss if rss is not None else float("nan")
 
 
 def device_peak_gib() -> float | None:
