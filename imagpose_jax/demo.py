@@ -1,10 +1,12 @@
 """`imagpose demo`: the whole system on the built-in synthetic dataset, offline, on the CPU.
 
 1. writes the synthetic pose-transfer dataset (data/; persons, not images, split into train and test),
-2. pre-trains the tiny VAE on the training images (vae/; its held-out reconstruction is the generator's
-   upper bound, reported as `vae_reconstruction`),
-3. trains the tiny denoiser (stage 3: UNet with CVA, pose guider, patch embedding) with the trainer
-   (`train/loop.py`, workdir train/; the VAE and a random tiny DINOv2 frozen),
+2. pre-trains the demo's VAE (an `AutoencoderKL` with three narrow blocks, downscale 4) on random crops of the
+   training images (vae/; its held-out reconstruction, `vae.held_out_reconstruction` in metrics.json, is the
+   generator's upper bound),
+3. trains the tiny denoiser (stage 3: UNet with CVA, a three-stage pose guider to match the VAE, patch
+   embedding) from scratch with the trainer (`train/loop.py`, workdir train/; the VAE and a random tiny DINOv2
+   frozen),
 4. generates the unknown slots of held-out persons in all three scenarios (spec section 2) and scores the
    generated target views against the ground truth (SSIM with the 51-pixel window, PSNR, L1), next to two
    baselines: "copy_source" (the reference source view, slot 0, placed as the prediction of every target) and
@@ -22,6 +24,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# The demo's VAE: a narrow three-block AutoencoderKL (downscale 4, so a 64x64 view is 16x16 latents, enough for
+# the synthetic figures' limbs; SD's factor 8 would leave 8x8), and a pose guider with as many stages.
+DEMO_VAE_CHANNELS = (16, 32, 32)
+DEMO_VAE_GROUPS = 2
+DEMO_POSE_GUIDER = (16, 32, 64)
 SCENARIO_SOURCES = {1: [0], 2: [0], 3: [0, 1, 2]}      # slots holding source views (the grid of make_eval_example)
 SCENARIO_TARGETS = {1: [3], 2: [1, 2, 3], 3: [3]}      # slots to generate
 METRICS = ("ssim", "psnr", "l1")
@@ -29,21 +36,24 @@ METRICS = ("ssim", "psnr", "l1")
 
 @dataclass
 class DemoConfig:
-    num_persons: int = 40            # synthetic persons (test_fraction of them held out)
+    num_persons: int = 64            # synthetic persons (test_fraction of them held out)
     poses_per_person: int = 8
-    test_fraction: float = 0.2
+    test_fraction: float = 0.15
     view: int = 64                   # view size (the grid is 2x)
-    vae_steps: int = 600
+    vae_steps: int = 1000
     vae_time_s: float = 0.0         # > 0: also stop the VAE pre-training after this many seconds (not reproducible)
     vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_crop: int = 32               # the VAE trains on random crops this size (0: whole views)
+    vae_lr: float = 2e-3
     stage: int = 3
     train_steps: int = 1000
     train_batch: int = 4
-    train_lr: float = 3e-4
+    train_lr: float = 1e-3
+    train_warmup: int = 50
+    train_schedule: str = "cosine"   # "constant" or "cosine" (to 0.1 x train_lr at train_steps)
     eval_persons: int = 8            # held-out persons scored per scenario
     sample_steps: int = 20
-    guidance: float = 2.0
+    guidance: float = 1.0
     seed: int = 0
 
 
@@ -51,9 +61,19 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def vae_config() -> dict:
+    """The demo VAE's diffusers-style config (scaling_factor is fitted by the pre-training)."""
+    from imagpose_jax.train.config import TINY_VAE
+    n = len(DEMO_VAE_CHANNELS)
+    return dict(TINY_VAE, block_out_channels=DEMO_VAE_CHANNELS, norm_num_groups=DEMO_VAE_GROUPS,
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+
+
 def train_config(dc: DemoConfig, data_dir: str, vae_folder: str, vae_config: dict):
     from imagpose_jax.train.config import base_config
     c = base_config(dc.stage, "tiny")
+    c.vae = dict(vae_config)
+    c.pose_guider_channels = DEMO_POSE_GUIDER
     c.seed = dc.seed
     c.steps = dc.train_steps
     c.data.path = data_dir
@@ -63,9 +83,10 @@ def train_config(dc: DemoConfig, data_dir: str, vae_folder: str, vae_config: dic
     c.data.synthetic.poses_per_person = dc.poses_per_person
     c.data.synthetic.seed = dc.seed
     c.data.synthetic.test_fraction = dc.test_fraction
-    c.vae.scaling_factor = float(vae_config["scaling_factor"])
     c.init.vae = vae_folder
     c.optim.learning_rate = dc.train_lr
+    c.optim.warmup_steps = dc.train_warmup
+    c.optim.schedule = dc.train_schedule
     c.train.log_every = 50
     c.train.checkpoint_every = max(dc.train_steps, 1)
     c.train.async_checkpoint = False
@@ -76,14 +97,9 @@ def train_config(dc: DemoConfig, data_dir: str, vae_folder: str, vae_config: dic
 def eval_batch(persons, scenario: int, view: int) -> tuple[dict, list[dict]]:
     """Sampler inputs (one grid per person) and the examples (with gt_grid) for a scenario."""
     from imagpose_jax.data.pipeline import make_eval_example
-    from imagpose_jax.preprocess import clip_preprocess
+    from imagpose_jax.sampling.sampler import batch_from_examples
     examples = [make_eval_example(p, scenario, view, view) for p in persons]
-    batch = {"masked_grid": np.stack([e["masked_grid"] for e in examples]),
-             "flag_grid": np.stack([e["flag_grid"] for e in examples]),
-             "pose_grid": np.stack([e["pose_grid"] for e in examples]),
-             "ref_pixels": np.stack([e["ref_image"] for e in examples]),
-             "dino_pixels": np.stack([clip_preprocess(e["ref_image_uint8"]) for e in examples])}
-    return batch, examples
+    return batch_from_examples(examples), examples
 
 
 def target_views(grids: np.ndarray, scenario: int) -> np.ndarray:
@@ -145,7 +161,8 @@ def evaluate(export: str, c, test_persons, dc: DemoConfig, out: str, log=None) -
     for n in (1, 2, 3):
         batch, examples = eval_batch(test_persons, n, dc.view)
         truth = target_views((np.stack([e["gt_grid"] for e in examples]) + 1) / 2, n)
-        noise = np.asarray(jax.random.normal(jax.random.key(dc.seed + n), (len(examples), dc.view // 4, dc.view // 4, 4)))
+        shape = (len(examples), *sampler.latent_shape(2 * dc.view, 2 * dc.view))
+        noise = np.asarray(jax.random.normal(jax.random.key(dc.seed + n), shape))
         nnx.update(sampler.models[0], trained_params)
         generated = target_views(sampler(batch, noise=noise), n)
         nnx.update(sampler.models[0], untrained_params)
@@ -167,7 +184,6 @@ def evaluate(export: str, c, test_persons, dc: DemoConfig, out: str, log=None) -
 def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     from imagpose_jax.data.index import read_imagpose_json
     from imagpose_jax.data.synthetic import make_synthetic_dataset
-    from imagpose_jax.train import config as tc
     from imagpose_jax.train.loop import train
     from imagpose_jax.train.vae import load_views, reconstruct, save_vae, train_vae
 
@@ -187,10 +203,9 @@ def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
          f"({timings['dataset_s']:.0f} s)")
 
     t0 = time.perf_counter()
-    c = tc.base_config(dc.stage, "tiny")
     train_images = load_views([v.image for p in train_persons for v in p.views], dc.view, dc.view)
-    vae, vae_cfg, vae_summary = train_vae(train_images, c.vae.to_dict(), steps=dc.vae_steps, batch_size=dc.vae_batch,
-                                          learning_rate=dc.vae_lr, seed=dc.seed,
+    vae, vae_cfg, vae_summary = train_vae(train_images, vae_config(), steps=dc.vae_steps, batch_size=dc.vae_batch,
+                                          learning_rate=dc.vae_lr, crop=dc.vae_crop, seed=dc.seed,
                                           time_limit_s=dc.vae_time_s or None, log=_log if progress else None)
     vae_folder = os.path.join(out, "vae")
     save_vae(vae_folder, vae, vae_cfg)

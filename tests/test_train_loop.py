@@ -45,8 +45,12 @@ def env():
 
 def test_kill_and_resume_is_bit_exact(tmp_path, env):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    a = run_train(straight, env)
+    a = run_train(straight, env, f"--config.train.sample_every={STEPS // 2}")  # sampling leaves training alone
     assert a.returncode == 0, a.stderr[-3000:]
+    straight_summary = json.loads(a.stdout[a.stdout.index("{"):])
+    for step in (STEPS // 2, STEPS):
+        assert os.path.isfile(os.path.join(straight, "samples", f"step_{step}.png"))
+    assert straight_summary["sample_traces"] == 1, "the sample grids' sampler was traced again"
     b = run_train(killed, dict(env, IMAGPOSE_KILL_AT_STEP=str(KILL_AT)))
     assert b.returncode == -9, f"expected SIGKILL, got {b.returncode}: {b.stderr[-2000:]}"
     assert not os.path.isdir(os.path.join(killed, "export"))

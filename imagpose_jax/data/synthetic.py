@@ -3,7 +3,8 @@
 Each person has fixed proportions, skin and hair colours and an outfit (a shirt textured with
 stripes, checks or dots in its own two colours, trousers, shoes) and is drawn from an 18-keypoint
 skeleton in random plausible poses: joint angles around a standing pose, a front or back view,
-small scale and position jitter, on a plain or lightly textured background.
+small scale and position jitter, in front of the person's own near-white backdrop (plain, a vertical gradient
+or faint stripes; the same in all of that person's images, as in DeepFashion's studio shots).
 
 Layout written under ``out_dir`` (both the original IMAGPose training index and DeepFashion's
 pose-transfer annotations, so that either reader in ``index`` can load it)::
@@ -64,6 +65,7 @@ class _Person:
     period: float          # texture period
     long_sleeves: bool
     width: float           # girth factor
+    backdrop: tuple        # the _background arguments: kind, colours (2, 3), stripe period (fraction of the width)
 
 
 def _colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]) -> np.ndarray:
@@ -77,7 +79,7 @@ def _sample_person(rng: np.random.Generator) -> _Person:
         shirt=np.stack([_colour(rng, (0.3, 0.9), (0.35, 0.95)), _colour(rng, (0.0, 0.6), (0.6, 1.0))]),
         trousers=_colour(rng, (0.1, 0.7), (0.15, 0.7)), shoes=_colour(rng, (0.0, 0.4), (0.05, 0.4)),
         texture=_TEXTURES[rng.integers(len(_TEXTURES))], period=rng.uniform(0.035, 0.07),
-        long_sleeves=bool(rng.random() < 0.5), width=rng.uniform(0.85, 1.15),
+        long_sleeves=bool(rng.random() < 0.5), width=rng.uniform(0.85, 1.15), backdrop=_sample_backdrop(rng),
     )
 
 
@@ -142,17 +144,23 @@ class _Canvas:
         self.rgb[box] += (colour - self.rgb[box]) * alpha
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Plain light colour, a vertical gradient, or faint stripes: (H, W, 3) float32."""
-    base = _colour(rng, (0.0, 0.25), (0.7, 1.0))
-    kind = rng.integers(3)
+def _sample_backdrop(rng: np.random.Generator) -> tuple:
+    """A person's backdrop, near-white as DeepFashion's studio: 0 plain, 1 vertical gradient, 2 faint stripes."""
+    colours = np.stack([_colour(rng, (0.0, 0.08), (0.86, 1.0)), _colour(rng, (0.0, 0.1), (0.78, 0.95))])
+    return int(rng.integers(3)), colours, float(rng.uniform(0.05, 0.15))
+
+
+def _background(backdrop: tuple, h: int, w: int) -> np.ndarray:
+    """The backdrop drawn at (H, W): (H, W, 3) float32."""
+    kind, colours, period = backdrop
+    base = colours[0]
     if kind == 0:
         image = base
     elif kind == 1:
         ramp = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
-        image = base * (1 - ramp) + _colour(rng, (0.0, 0.25), (0.6, 0.95)) * ramp
+        image = base * (1 - ramp) + colours[1] * ramp
     else:
-        stripes = np.floor(np.arange(w) / (rng.uniform(0.05, 0.15) * w)) % 2
+        stripes = np.floor(np.arange(w) / (period * w)) % 2
         image = base * (1 - 0.06 * stripes[None, :, None])
     return np.broadcast_to(image, (h, w, 3)).astype(np.float32)
 
@@ -207,7 +215,7 @@ def _sample_view(person: _Person, rng: np.random.Generator, h: int, w: int) -> t
     scale = 0.88 * h / (_BODY_SPAN[1] - _BODY_SPAN[0]) * rng.uniform(0.9, 1.05)
     centre = np.array([w / 2 + rng.uniform(-0.05, 0.05) * w, h / 2 + rng.uniform(-0.04, 0.04) * h])
     kp = centre + (body - [0.0, sum(_BODY_SPAN) / 2]) * scale
-    image = _draw(person, kp, back, _background(rng, h, w), scale)
+    image = _draw(person, kp, back, _background(person.backdrop, h, w), scale)
     kp_int = np.rint(kp).astype(np.int64)
     hidden = np.zeros(NUM_KEYPOINTS, bool)
     if back:

@@ -59,7 +59,27 @@ class IMAGPose(nnx.Module):
         """DINOv2 tokens (B, N, D) and reference latents (B, hr, wr, 4) -> cross-attention context (B, N + P, D)."""
         return jnp.concatenate([image_embeds, self.patch(ref_latents).astype(image_embeds.dtype)], axis=1)
 
+    def pose_features(self, pose_image: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
+        """pose_image (B, f h, f w, 3) -> (B, h, w, C0) for latents of size `latent_hw` = (h, w), where f is the
+        pose guider's downscale factor (8 with SD's four stages); it must equal the VAE's."""
+        f = self.pose_guider.downscale_factor
+        if pose_image.shape[1:3] != (latent_hw[0] * f, latent_hw[1] * f):
+            raise ValueError(f"pose grid {pose_image.shape[1:3]} does not match latents {tuple(latent_hw)}: the pose "
+                             f"guider downscales by {f} ({len(self.cfg.pose_guider_channels)} stages); use a pose guider "
+                             f"with as many stages as the VAE has blocks")
+        return self.pose_guider(pose_image)
+
     def __call__(self, sample: jax.Array, timesteps: jax.Array, image_embeds: jax.Array, ref_latents: jax.Array,
                  pose_image: jax.Array) -> jax.Array:
         """sample (B, h, w, 9) = [noisy latents 4 | flag 1 | masked latents 4]; pose_image (B, 8h, 8w, 3) -> (B, h, w, 4)."""
-        return self.unet(sample, timesteps, self.context(image_embeds, ref_latents), self.pose_guider(pose_image))
+        return self.unet(sample, timesteps, self.context(image_embeds, ref_latents),
+                         self.pose_features(pose_image, sample.shape[1:3]))
+
+
+def flag_at(flag: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
+    """The known-slot flag (B, fh, fw, 1) (the data pipeline's is at 2H/8 x 2W/8), constant over each grid slot,
+    at latent size (h, w) by nearest resizing: exact for any VAE downscale factor whose latent grid splits into
+    the same 2 x 2 slots."""
+    if flag.shape[1:3] == tuple(latent_hw):
+        return flag
+    return jax.image.resize(flag, (flag.shape[0], *latent_hw, flag.shape[-1]), "nearest")

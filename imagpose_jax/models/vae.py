@@ -30,6 +30,11 @@ class VAEConfig:
     act_fn: str = "silu"
     scaling_factor: float = 0.18215
 
+    @property
+    def downscale_factor(self) -> int:
+        """Pixels per latent along each side: one halving per block but the last (8 for SD's four blocks)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_dict(cls, d: Mapping) -> VAEConfig:
         """From a diffusers `AutoencoderKL` config.json; an unsupported setting is an error naming the key."""

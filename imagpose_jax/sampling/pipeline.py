@@ -105,7 +105,8 @@ class IMAGPosePipeline:
         batch, layouts = self.prepare(sources, source_poses, target_poses, view_size)
         n = len(layouts)
         hh, ww = batch["masked_grid"].shape[1:3]
-        noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (hh // 8, ww // 8, 4)))
+        shape = self.sampler.latent_shape(hh, ww)
+        noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape))
                           for i in range(n)])
         out = []
         bs = min(batch_size, n)

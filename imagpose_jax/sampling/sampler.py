@@ -3,7 +3,7 @@ VAE decode, as one jitted XLA program (spec section 7). Compiled once per input 
 
 Inputs are host-prepared batches of grids (see `grid.py` and `pipeline.py`), NHWC:
   masked_grid (B, 2H, 2W, 3) in [-1, 1]    sources in known slots, black elsewhere
-  flag_grid   (B, 2H/8, 2W/8, 1)           1 over known slots
+  flag_grid   (B, 2H/8, 2W/8, 1)           1 over known slots (resized to the latents for a VAE with another factor)
   pose_grid   (B, 2H, 2W, 3) in [0, 1]     every slot's pose rendering
   ref_pixels  (B, Hr, Wr, 3) in [-1, 1]    the reference for the patch tokens (one view, or the grid size)
   dino_pixels (B, 224, 224, 3)             the reference after CLIP's pre-processing
@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from imagpose_jax.models.imagpose import flag_at
 from imagpose_jax.schedulers import make_scheduler
 
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -57,6 +58,16 @@ class SamplerConfig:
         return dataclasses.replace(self, **kw)
 
 
+def batch_from_examples(examples) -> dict[str, np.ndarray]:
+    """Sampler inputs from examples of `data.pipeline.make_eval_example` (one grid each), stacked."""
+    from imagpose_jax.preprocess import clip_preprocess
+    return {"masked_grid": np.stack([e["masked_grid"] for e in examples]),
+            "flag_grid": np.stack([e["flag_grid"] for e in examples]),
+            "pose_grid": np.stack([e["pose_grid"] for e in examples]),
+            "ref_pixels": np.stack([e["ref_image"] for e in examples]),
+            "dino_pixels": np.stack([clip_preprocess(e["ref_image_uint8"]) for e in examples])}
+
+
 class Batch(NamedTuple):
     masked_grid: jax.Array
     flag_grid: jax.Array
@@ -84,6 +95,22 @@ class Sampler:
             nnx.update(self.models, jax.device_put(state, NamedSharding(self.mesh, P())))
         self._run = nnx.jit(self._program)
 
+    def set_weights(self, model, vae, dino) -> None:
+        """Loads the weights of modules like the sampler's own (same classes and configs: a training run's
+        current state) without re-tracing: the compiled program is reused."""
+        state = nnx.state(nnx.List([model, vae, dino]))
+        if self.mesh is not None:
+            state = jax.device_put(state, NamedSharding(self.mesh, P()))
+        nnx.update(self.models, state)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latents (h, w, C) of a (height, width) grid under this sampler's VAE."""
+        vcfg = self.models[1].cfg
+        f = vcfg.downscale_factor
+        if height % f or width % f:
+            raise ValueError(f"grid {height}x{width} is not a multiple of the VAE's downscale factor {f}")
+        return height // f, width // f, vcfg.latent_channels
+
     def _program(self, models, batch: Batch, noise: jax.Array, guidance: jax.Array, key: jax.Array) -> jax.Array:
         self.traces += 1
         model, vae, dino = models
@@ -91,8 +118,9 @@ class Sampler:
         masked = vae.encode_latents(batch.masked_grid)          # (B, h, w, 4) posterior mean x 0.18215
         ref_latents = vae.encode_latents(batch.ref_pixels)      # (B, hr, wr, 4)
         context = model.context(dino(batch.dino_pixels), ref_latents)  # (B, 257 + P, D)
-        pose = model.pose_guider(batch.pose_grid)               # (B, h, w, C0), once for all steps
-        cond = jnp.concatenate([batch.flag_grid.astype(masked.dtype), masked], axis=-1)  # (B, h, w, 5)
+        pose = model.pose_features(batch.pose_grid, masked.shape[1:3])  # (B, h, w, C0), once for all steps
+        flag = flag_at(batch.flag_grid, masked.shape[1:3]).astype(masked.dtype)      # (B, h, w, 1)
+        cond = jnp.concatenate([flag, masked], axis=-1)                             # (B, h, w, 5)
         if do_cfg:  # [uncond | cond] in one batch; the null condition is all-zero tokens
             context = jnp.concatenate([jnp.zeros_like(context), context])
             pose, cond = jnp.concatenate([pose, pose]), jnp.concatenate([cond, cond])
@@ -115,17 +143,19 @@ class Sampler:
         return jnp.clip(vae.decode_latents(latents) / 2 + 0.5, 0.0, 1.0)
 
     def __call__(self, batch: Batch | Mapping, noise: np.ndarray | None = None, key: jax.Array | None = None) -> np.ndarray:
-        """noise (B, 2H/8, 2W/8, 4), or `key` to draw it. Returns float32 images (B, 2H, 2W, 3) in [0, 1]."""
+        """noise (B, 2H/f, 2W/f, C) (f, C: the VAE's downscale factor and latent channels; SD's 8 and 4), or `key`
+        to draw it. Returns float32 images (B, 2H, 2W, 3) in [0, 1]."""
         batch = Batch(**{f: jnp.asarray(batch[f] if isinstance(batch, Mapping) else getattr(batch, f), jnp.float32)
                          for f in Batch._fields})
         b, hh, ww, _ = batch.masked_grid.shape
         key = jax.random.key(0) if key is None else key
+        shape = (b, *self.latent_shape(hh, ww))
         if noise is None:
             key, sub = jax.random.split(key)
-            noise = jax.random.normal(sub, (b, hh // 8, ww // 8, 4), jnp.float32)
+            noise = jax.random.normal(sub, shape, jnp.float32)
         noise = jnp.asarray(noise, jnp.float32)
-        if noise.shape != (b, hh // 8, ww // 8, 4):
-            raise ValueError(f"noise has shape {noise.shape}; expected {(b, hh // 8, ww // 8, 4)}")
+        if noise.shape != shape:
+            raise ValueError(f"noise has shape {noise.shape}; expected {shape}")
         pad = 0
         if self.mesh is not None:
             n = self.mesh.size

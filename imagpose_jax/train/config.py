@@ -52,6 +52,9 @@ def base_config(stage: int, variant: str = "full") -> ml_collections.ConfigDict:
     c.steps = 100 if tiny else steps
     c.unet = dict(use_cva=stage != 1, **(TINY_UNET if tiny else {}))
     c.patch_size = 4 if tiny else 16  # tiny: a 64x64 view's 8x8 reference latents give 2x2 patch tokens
+    # One stride-2 stage per entry after the first: the pose guider downscales by 2 ** (len - 1), which must be
+    # the VAE's downscale factor 2 ** (len(vae.block_out_channels) - 1) (8 for SD's VAE).
+    c.pose_guider_channels = (16, 32, 96, 256)
     c.vae = TINY_VAE if tiny else SD15_VAE
     c.dino = TINY_DINO if tiny else DINO_BASE
     # Data (`train/inputs.py`). format: "synthetic" (written under the workdir if `path` is empty),
@@ -70,7 +73,9 @@ def base_config(stage: int, variant: str = "full") -> ml_collections.ConfigDict:
     # checkpoints every checkpoint_every steps (newest `keep` kept), sample grids every sample_every (0: never).
     c.train = dict(log_every=1 if tiny else 50, checkpoint_every=50 if tiny else 2000, keep=3, async_checkpoint=True,
                    sample_every=0 if tiny else 5000, sample_steps=10 if tiny else 30, sample_guidance=2.0)
-    c.optim = dict(learning_rate=lr, b1=0.9, b2=0.999, weight_decay=0.01, eps=1e-8, clip_norm=1.0)
+    # schedule: "constant" (the original's) or "cosine" (to 0.1 x learning_rate at `steps`); after warmup_steps.
+    c.optim = dict(learning_rate=lr, b1=0.9, b2=0.999, weight_decay=0.01, eps=1e-8, clip_norm=1.0,
+                   schedule="constant", warmup_steps=0)
     c.noise = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    rescale_betas_zero_snr=True, prediction_type="v_prediction")
     c.step = dict(noise_offset=0.05, snr_gamma=5.0, p_image=p_image, p_ref=p_ref, p_both=p_both,
@@ -82,7 +87,8 @@ def base_config(stage: int, variant: str = "full") -> ml_collections.ConfigDict:
 
 
 def model_config(c: ml_collections.ConfigDict) -> IMAGPoseConfig:
-    return IMAGPoseConfig(unet=UNetConfig(**c.unet.to_dict()), patch_size=c.patch_size)
+    return IMAGPoseConfig(unet=UNetConfig(**c.unet.to_dict()), pose_guider_channels=tuple(c.pose_guider_channels),
+                          patch_size=c.patch_size)
 
 
 def training_schedule(c: ml_collections.ConfigDict):
@@ -95,7 +101,7 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
 
 
 def optimizer(c: ml_collections.ConfigDict):
-    return make_tx(**c.optim.to_dict())
+    return make_tx(**c.optim.to_dict(), total_steps=c.steps)
 
 
 def default_vae(vae_config: dict, keys: ParamKeys) -> nnx.Module:
@@ -109,6 +115,10 @@ def state_builder(c: ml_collections.ConfigDict,
     into the sharded state afterwards) and an optimizer over the stage's trainable parameters."""
     mcfg = model_config(c)
     check_model_config(c.stage, mcfg)
+    vae_factor, pose_factor = 2 ** (len(c.vae.block_out_channels) - 1), 2 ** (len(c.pose_guider_channels) - 1)
+    if vae_factor != pose_factor:
+        raise ValueError(f"the VAE downscales by {vae_factor} but the pose guider by {pose_factor}: give "
+                         f"pose_guider_channels {len(c.vae.block_out_channels)} entries")
 
     def build() -> TrainState:
         keys = ParamKeys(c.seed)

@@ -99,7 +99,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     step_fn = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
                         batch_sharding=batch_sharding(mesh))
     writer = MetricWriter(workdir)
-    examples = sample_examples(c, workdir) if c.train.sample_every else []
+    samples = SampleWriter(c, graphdef, sample_examples(c, workdir) if c.train.sample_every else [], workdir, writer)
     bar = _progress(progress, start, c.steps)
     pending, last_log, losses = [], time.perf_counter(), []
     first_step_s = None
@@ -129,7 +129,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
             if step % c.train.checkpoint_every == 0 or step == c.steps:
                 ckpt.save(step, state, iterator)
             if c.train.sample_every and (step % c.train.sample_every == 0 or step == c.steps):
-                write_samples(c, graphdef, state, examples, workdir, step, writer)
+                samples(state, step)
             if step == kill_at:  # fault injection for the kill-and-resume test: no cleanup, like a lost host
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
@@ -141,7 +141,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     return {"start_step": start, "steps": c.steps, "init_s": round(init_s, 2),
             "first_step_s": None if first_step_s is None else round(first_step_s, 2),
             "final_loss": losses[-1] if losses else None, "export": export_dir,
-            "skipped_corrupt": iterator.skipped_corrupt, "traces": step_fn.traces}
+            "skipped_corrupt": iterator.skipped_corrupt, "traces": step_fn.traces, "sample_traces": samples.traces}
 
 
 def _progress(enabled: bool, start: int, total: int):
@@ -183,34 +183,43 @@ def export(c: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: nnx.Stat
     return out
 
 
-def write_samples(c, graphdef, state, examples, workdir, step, writer) -> None:
-    """Sample grids for fixed held-out examples with the current (EMA if kept) weights."""
-    if not examples:
-        return
-    if jax.process_count() > 1:
-        logging.warning("sample grids are written on single-host runs only; skipped at step %d", step)
-        return
-    from imagpose_jax.preprocess import clip_preprocess
-    from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
-    ts = nnx.merge(graphdef, state)
-    model = ts.model
-    if ts.ema is not None:
-        model_def, _, rest = nnx.split(ts.model, nnx.Param, ...)
-        model = nnx.merge(model_def, ema_params(ts), rest)
-    cfg = SamplerConfig(num_inference_steps=c.train.sample_steps, guidance_scale=c.train.sample_guidance,
-                        scheduler_config={**SamplerConfig().scheduler_config, **c.noise.to_dict()})
-    sampler = Sampler(model, ts.vae, ts.dino, cfg)
-    batch = {"masked_grid": np.stack([e["masked_grid"] for e in examples]),
-             "flag_grid": np.stack([e["flag_grid"] for e in examples]),
-             "pose_grid": np.stack([e["pose_grid"] for e in examples]),
-             "ref_pixels": np.stack([e["ref_image"] for e in examples]),
-             "dino_pixels": np.stack([clip_preprocess(e["ref_image_uint8"]) for e in examples])}
-    images = sampler(batch, key=jax.random.key(c.seed))  # (B, 2H, 2W, 3) in [0, 1]
-    rows = [np.concatenate([(e["masked_grid"] + 1) / 2, e["pose_grid"], img, (e["gt_grid"] + 1) / 2], axis=1)
-            for e, img in zip(examples, images)]
-    sheet = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)
-    folder = os.path.join(workdir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    from PIL import Image
-    Image.fromarray(sheet).save(os.path.join(folder, f"step_{step}.png"))
-    writer.image(step, "samples", sheet)
+class SampleWriter:
+    """Sample grids for fixed held-out examples with the current (EMA if kept) weights, every call after the first
+    reusing the first call's compiled sampler (the weights are swapped in, nothing re-traces)."""
+
+    def __init__(self, c, graphdef, examples, workdir, writer):
+        self.c, self.graphdef, self.examples, self.workdir, self.writer = c, graphdef, examples, workdir, writer
+        self.sampler = None
+
+    @property
+    def traces(self) -> int:
+        return 0 if self.sampler is None else self.sampler.traces
+
+    def __call__(self, state, step: int) -> None:
+        c, examples = self.c, self.examples
+        if not examples:
+            return
+        if jax.process_count() > 1:
+            logging.warning("sample grids are written on single-host runs only; skipped at step %d", step)
+            return
+        from imagpose_jax.sampling.sampler import Sampler, SamplerConfig, batch_from_examples
+        ts = nnx.merge(self.graphdef, state)
+        model = ts.model
+        if ts.ema is not None:
+            model_def, _, rest = nnx.split(ts.model, nnx.Param, ...)
+            model = nnx.merge(model_def, ema_params(ts), rest)
+        if self.sampler is None:
+            cfg = SamplerConfig(num_inference_steps=c.train.sample_steps, guidance_scale=c.train.sample_guidance,
+                                scheduler_config={**SamplerConfig().scheduler_config, **c.noise.to_dict()})
+            self.sampler = Sampler(model, ts.vae, ts.dino, cfg)
+        else:
+            self.sampler.set_weights(model, ts.vae, ts.dino)
+        images = self.sampler(batch_from_examples(examples), key=jax.random.key(c.seed))  # (B, 2H, 2W, 3) in [0, 1]
+        rows = [np.concatenate([(e["masked_grid"] + 1) / 2, e["pose_grid"], img, (e["gt_grid"] + 1) / 2], axis=1)
+                for e, img in zip(examples, images)]
+        sheet = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)
+        folder = os.path.join(self.workdir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        from PIL import Image
+        Image.fromarray(sheet).save(os.path.join(folder, f"step_{step}.png"))
+        self.writer.image(step, "samples", sheet)

@@ -23,10 +23,23 @@ class EmaParam(nnx.Variable):
 
 
 def make_tx(learning_rate: float, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.01,
-            eps: float = 1e-8, clip_norm: float = 1.0) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW at a constant learning rate (spec section 6)."""
+            eps: float = 1e-8, clip_norm: float = 1.0, schedule: str = "constant", warmup_steps: int = 0,
+            total_steps: int = 0) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW. schedule "constant" (the original's, spec section 6) or "cosine" (decay
+    to 0.1 x `learning_rate` at `total_steps`, for short runs); either after a linear warm-up of `warmup_steps`."""
+    if schedule == "constant":
+        lr = learning_rate
+        if warmup_steps:
+            lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                                       optax.constant_schedule(learning_rate)], [warmup_steps])
+    elif schedule == "cosine":
+        if total_steps <= warmup_steps:
+            raise ValueError(f"cosine schedule: total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, 0.1 * learning_rate)
+    else:
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
     return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+                       optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
 class TrainState(nnx.Module):

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from imagpose_jax.models.imagpose import flag_at
 from imagpose_jax.preprocess import clip_preprocess
 from imagpose_jax.schedulers.common import add_noise, get_velocity, snr
 from imagpose_jax.train.loss import min_snr_weight, sample_noise, sample_timesteps, weighted_mse
@@ -125,7 +126,8 @@ class TrainStep:
         ac = jnp.asarray(self.alphas_cumprod)
         noisy, target = add_noise(ac, latents, noise, t), get_velocity(ac, latents, noise, t)  # (B, h, w, 4)
         weight = min_snr_weight(snr(ac, t), cfg.snr_gamma)                # (B,)
-        unet_in = jnp.concatenate([noisy.astype(dtype), batch["flag_grid"].astype(dtype), masked], axis=-1)
+        flag = flag_at(batch["flag_grid"], latents.shape[1:3]).astype(dtype)  # (B, h, w, 1)
+        unet_in = jnp.concatenate([noisy.astype(dtype), flag, masked], axis=-1)
         pose_grid = batch["pose_grid"].astype(dtype)                      # (B, 2H, 2W, 3)
 
         model_def, params, rest = nnx.split(ts.model, ts.trainable, ...)
@@ -135,7 +137,7 @@ class TrainStep:
             model = nnx.merge(model_def, _cast(params, dtype), _cast(rest, dtype))
             context = model.context(tokens, ref)                          # (B, 257 + P, D)
             context = context * guidance_keep(k_drop, b, tokens.shape[1], context.shape[1], cfg).astype(dtype)
-            pred = run_unet(model.unet, unet_in, t, context, model.pose_guider(pose_grid))  # (B, h, w, 4)
+            pred = run_unet(model.unet, unet_in, t, context, model.pose_features(pose_grid, latents.shape[1:3]))
             return weighted_mse(pred, target, weight)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)

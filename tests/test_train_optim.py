@@ -1,0 +1,44 @@
+"""The optimizer's learning-rate schedules (`train.state.make_tx`): with a constant gradient of 1 and no weight
+decay, Adam's update at step t is -lr(t) (to eps), so the updates read the schedule back."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagpose_jax.train.state import make_tx
+
+
+def updates(tx, steps: int) -> np.ndarray:
+    params = {"w": jnp.zeros(())}
+    opt = tx.init(params)
+    out = []
+    for _ in range(steps):
+        u, opt = tx.update({"w": jnp.ones(())}, opt, params)
+        out.append(float(u["w"]))
+    return -np.asarray(out)
+
+
+def test_constant_is_the_learning_rate():
+    np.testing.assert_allclose(updates(make_tx(1e-3, weight_decay=0.0), 5), 1e-3, rtol=1e-4)
+
+
+def test_constant_with_warmup_ramps_linearly():
+    lr = updates(make_tx(1e-3, weight_decay=0.0, warmup_steps=4), 7)
+    np.testing.assert_allclose(lr, [0.0, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3], rtol=1e-4, atol=1e-9)
+
+
+def test_cosine_decays_to_a_tenth():
+    lr = updates(make_tx(1e-3, weight_decay=0.0, schedule="cosine", warmup_steps=2, total_steps=10), 11)
+    np.testing.assert_allclose(lr[:3], [0.0, 0.5e-3, 1e-3], rtol=1e-4, atol=1e-9)
+    half = 0.1e-3 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * 4 / 8))  # step 6: half-way through the decay
+    np.testing.assert_allclose(lr[6], half, rtol=1e-4)
+    np.testing.assert_allclose(lr[10], 0.1e-3, rtol=1e-4)
+    assert np.all(np.diff(lr[2:]) < 0)
+
+
+def test_bad_schedules_are_errors():
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        make_tx(1e-3, schedule="linear")
+    with pytest.raises(ValueError, match="total_steps"):
+        make_tx(1e-3, schedule="cosine", warmup_steps=10, total_steps=10)
