@@ -71,7 +71,7 @@ class IMAGPose(nnx.Module):
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, image_embeds: jax.Array, ref_latents: jax.Array,
                  pose_image: jax.Array) -> jax.Array:
-        """sample (B, h, w, 9) = [noisy latents 4 | flag 1 | masked latents 4]; pose_image (B, 8h, 8w, 3) -> (B, h, w, 4)."""
+        """sample (B, h, w, 9) = [noisy latents 4 | flag 1 | masked latents 4]; pose_image (B, f h, f w, 3) -> (B, h, w, 4)."""
         return self.unet(sample, timesteps, self.context(image_embeds, ref_latents),
                          self.pose_features(pose_image, sample.shape[1:3]))
 
