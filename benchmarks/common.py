@@ -13,12 +13,14 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Dense peak FLOP/s per device for MFU, by a substring of `device_kind` (first match wins): (bf16/fp16, fp32).
+# Dense peak FLOP/s per device for MFU, by a substring of `device_kind` (first match wins, so longer names that
+# contain shorter ones come first: L40S and L40 before L4): (bf16/fp16, fp32).
 # Vendor datasheet figures without sparsity; fp32 on NVIDIA is the non-tensor-core rate (TF32 is not used:
 # the project computes fp32 in full precision on GPU only when asked).
 PEAK_FLOPS = (
     ("H200", 989e12, 67e12), ("H100 PCIe", 756e12, 51e12), ("H100", 989e12, 67e12),
-    ("A100", 312e12, 19.5e12), ("L4", 121e12, 30e12), ("A10G", 70e12, 31e12), ("V100", 125e12, 15.7e12),
+    ("A100", 312e12, 19.5e12), ("L40S", 362e12, 91.6e12), ("L40", 181e12, 90.5e12),
+    ("L4", 121e12, 30e12), ("A10G", 70e12, 31e12), ("V100", 125e12, 15.7e12),
     ("TPU v6", 918e12, 918e12 / 2), ("TPU v5p", 459e12, 459e12 / 2), ("TPU v5 lite", 197e12, 197e12 / 2),
     ("TPU v5e", 197e12, 197e12 / 2), ("TPU v4", 275e12, 275e12 / 2),
 )
@@ -166,27 +168,6 @@ def round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
         out[name] = {"min_s": walls[name][i], "median_s": statistics.median(walls[name]), "cpu_s": cpus[name][i],
                      "times_s": [round(t, 4) for t in walls[name]]}
     return out
-
-
-def repeat(fn: Callable[[], object], n: int, warmup: int = 0) -> dict:
-    """Runs `fn` (blocking on its result) warmup + n times: min / median / all of the n timings, seconds."""
-    for _ in range(warmup):
-        block(fn())
-    times = [timed(fn)[0] for _ in range(n)]
-    return {"min_s": min(times), "median_s": statistics.median(times), "times_s": [round(t, 4) for t in times]}
-
-
-def torch_repeat(fn: Callable[[], object], n: int, warmup: int = 1) -> dict:
-    import torch
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return {"min_s": min(times), "median_s": statistics.median(times), "times_s": [round(t, 4) for t in times]}
 
 
 # -- output -----------------------------------------------------------------------------------------------------

@@ -32,14 +32,17 @@ def attention(r: dict) -> str:
         rows = [x for x in r["rows"] if x["case"] == case]
         get = lambda name: next((x for x in rows if x["impl"] == name), None)  # noqa: E731
         torch = get("torch sdpa")
-        auto = next(x for x in rows if x["impl"].startswith("auto"))
+        auto = next((x for x in rows if x["impl"].startswith("auto")), None)
         chunked = [x for x in rows if x["impl"].startswith("chunked") and not isinstance(x["ms"], str)]
         best = min(chunked, key=lambda x: x["ms"]) if chunked else None
         cell = lambda x: "-" if x is None else (x["ms"] if isinstance(x["ms"], str) else  # noqa: E731
                                                 f"{_ms(x['ms'])} ({_ms(x['median_ms'])})")
-        out.append(f"| {case} | {cell(torch)} | {cell(auto)} `{auto['impl'].split('-> ')[-1]}` | {cell(get('einsum'))} | "
+        timed = lambda x: x is not None and not isinstance(x["ms"], str)  # noqa: E731 (absent or failed: "-")
+        ratio = f"{auto['ms'] / torch['ms']:.2f}" if timed(auto) and timed(torch) else "-"
+        choice = f" `{auto['impl'].split('-> ')[-1]}`" if auto else ""
+        out.append(f"| {case} | {cell(torch)} | {cell(auto)}{choice} | {cell(get('einsum'))} | "
                    f"{cell(get('xla'))} | {cell(best)} `{best['impl'] if best else ''}` | "
-                   f"{auto['ms'] / torch['ms']:.2f} | {best['temp_mib'] if best else '-'} |")
+                   f"{ratio} | {best['temp_mib'] if best else '-'} |")
     return "\n".join(out)
 
 

@@ -19,7 +19,6 @@ Peak memory: the process's peak RSS per phase on the CPU; the device's peak byte
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from pathlib import Path

@@ -141,7 +141,6 @@ def evaluate(export: str, c, test_persons, dc: DemoConfig, out: str, log=None) -
     """Samples the three scenarios for `test_persons` with the exported weights and with the denoiser at its
     random initialisation; scores both and the copy-source baseline; writes the sheets and generated views."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from PIL import Image
 
@@ -151,10 +150,9 @@ def evaluate(export: str, c, test_persons, dc: DemoConfig, out: str, log=None) -
     from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
     from imagpose_jax.train import config as tc
 
-    model, vae, dino = load_pipeline_models(export)
-    trained_params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))  # a copy, not views of the model
-    untrained_params = jax.tree.map(jnp.copy, nnx.state(IMAGPose(tc.model_config(c), rngs=ParamKeys(c.seed)), nnx.Param))
-    sampler = Sampler(model, vae, dino, SamplerConfig(
+    trained, vae, dino = load_pipeline_models(export)
+    untrained = IMAGPose(tc.model_config(c), rngs=ParamKeys(c.seed))
+    sampler = Sampler(nnx.clone(trained), vae, dino, SamplerConfig(  # compiled once; each model's weights swapped in
         num_inference_steps=dc.sample_steps, guidance_scale=dc.guidance,
         scheduler_config={**SamplerConfig().scheduler_config, **c.noise.to_dict()}))
     results = {"trained": {}, "untrained": {}, "copy_source": {}}
@@ -163,12 +161,12 @@ def evaluate(export: str, c, test_persons, dc: DemoConfig, out: str, log=None) -
         truth = target_views((np.stack([e["gt_grid"] for e in examples]) + 1) / 2, n)
         shape = (len(examples), *sampler.latent_shape(2 * dc.view, 2 * dc.view))
         noise = np.asarray(jax.random.normal(jax.random.key(dc.seed + n), shape))
-        nnx.update(sampler.models[0], trained_params)
+        sampler.set_weights(trained, vae, dino)
         generated = target_views(sampler(batch, noise=noise), n)
-        nnx.update(sampler.models[0], untrained_params)
-        untrained = target_views(sampler(batch, noise=noise), n)
+        sampler.set_weights(untrained, vae, dino)
+        baseline = target_views(sampler(batch, noise=noise), n)
         results["trained"][n] = score(generated, truth)
-        results["untrained"][n] = score(untrained, truth)
+        results["untrained"][n] = score(baseline, truth)
         results["copy_source"][n] = score(copy_source(examples, n), truth)
         folder = os.path.join(out, f"scenario_{n}")
         os.makedirs(folder, exist_ok=True)

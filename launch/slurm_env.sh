@@ -6,7 +6,7 @@
 #
 # Sets JAX_COORDINATOR_ADDRESS (the job's first node, from `scontrol show hostnames`, where task 0 runs
 # with srun's default block distribution; port IMAGPOSE_COORDINATOR_PORT, else 61440 + job id mod 4096,
-# as jax's own SLURM detection picks), JAX_NUM_PROCESSES (SLURM_NTASKS) and JAX_PROCESS_ID
+# as jax's own SLURM detection picks), JAX_NUM_PROCESSES (SLURM_STEP_NUM_TASKS, else SLURM_NTASKS) and JAX_PROCESS_ID
 # (SLURM_PROCID). With IMAGPOSE_ONE_PROCESS_PER_GPU=1 (srun --ntasks-per-node=<GPUs per node>) also
 # JAX_LOCAL_DEVICE_IDS=SLURM_LOCALID, so that each process drives one of its node's GPUs.
 
@@ -31,7 +31,7 @@ imagpose_slurm_env() {
     fi
     local port=${IMAGPOSE_COORDINATOR_PORT:-$((61440 + SLURM_JOB_ID % 4096))}
     export JAX_COORDINATOR_ADDRESS="$first:$port"
-    export JAX_NUM_PROCESSES="$SLURM_NTASKS"
+    export JAX_NUM_PROCESSES="${SLURM_STEP_NUM_TASKS:-$SLURM_NTASKS}"  # this srun step's tasks, not the job's
     export JAX_PROCESS_ID="$SLURM_PROCID"
     if [[ "${IMAGPOSE_ONE_PROCESS_PER_GPU:-0}" == 1 ]]; then
         if [[ -z "${SLURM_LOCALID:-}" ]]; then

@@ -104,3 +104,18 @@ def test_bad_arguments(tmp_path):
         make_synthetic_dataset(tmp_path, 4, 2, 64, 64, 0, 1.0)
     with pytest.raises(ValueError, match="at least 2"):
         make_synthetic_dataset(tmp_path, 4, 1, 64, 64, 0, 0.5)
+
+
+def test_backdrop_is_the_persons_own(dataset):
+    """All of a person's images share one near-white backdrop (the top corners, beside the head, are pure
+    backdrop); different persons have different ones."""
+    _, files = dataset
+    persons = read_imagpose_json(files["train"].index_json) + read_imagpose_json(files["test"].index_json)
+    tops = []
+    for person in persons:
+        rows = [np.asarray(Image.open(v.image).convert("RGB"))[:4, np.r_[0:8, -8:0]].astype(int) for v in person.views]
+        for row in rows[1:]:
+            np.testing.assert_array_equal(row, rows[0], err_msg=person.name)
+        assert rows[0].min() >= 0.75 * 255, f"{person.name}: backdrop not near-white"
+        tops.append(rows[0])
+    assert len({t.tobytes() for t in tops}) == len(persons)

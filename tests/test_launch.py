@@ -96,12 +96,13 @@ def test_slurm_env_derivation(stubs):
     port = 61440 + 123456 % 4096
     assert got == {"JAX_COORDINATOR_ADDRESS": f"gpu-node-07:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
     assert log.read_text().split("\n")[0] == "show hostnames gpu-node-[07-08]"
-    # a step's node list wins over the job's; an explicit port; one process per GPU
+    # a step's node list and task count win over the job's; an explicit port; one process per GPU
     out = run([LAUNCH / "slurm_env.sh", "env"],
-              {**env, **SLURM_ENV, "SLURM_STEP_NODELIST": "gpu-node-[08]", "IMAGPOSE_COORDINATOR_PORT": "7777",
-               "IMAGPOSE_ONE_PROCESS_PER_GPU": "1", "SLURM_LOCALID": "3"})
+              {**env, **SLURM_ENV, "SLURM_STEP_NODELIST": "gpu-node-[08]", "SLURM_STEP_NUM_TASKS": "1",
+               "IMAGPOSE_COORDINATOR_PORT": "7777", "IMAGPOSE_ONE_PROCESS_PER_GPU": "1", "SLURM_LOCALID": "3"})
     assert out.returncode == 0, out.stderr
     assert "JAX_COORDINATOR_ADDRESS=gpu-node-07:7777" in out.stdout.splitlines()
+    assert "JAX_NUM_PROCESSES=1" in out.stdout.splitlines()
     assert "JAX_LOCAL_DEVICE_IDS=3" in out.stdout.splitlines()
     assert log.read_text().splitlines()[-1] == "show hostnames gpu-node-[08]"
     # sourced: the function exports into the calling shell

@@ -2,7 +2,6 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from imagpose_jax.cli import main as cli_main
 

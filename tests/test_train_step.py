@@ -35,7 +35,8 @@ def run():
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
         trajectory.append({k: v for k, v in flat(state).items() if k.startswith("model.") and "motion_modules" in k})
-        after1 = flat(state) if len(losses) == 1 else after1
+        if len(losses) == 1:
+            after1 = flat(state)
     return before, after1, trajectory, losses, step, nnx.merge(graphdef, state)
 
 

@@ -56,10 +56,13 @@ def from_savable(restored: Any, like: Any) -> Any:
     return jax.tree.map(one, restored, like)
 
 
+def _with_shardings(pure: Any, pure_shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, pure_shardings)
+
+
 def abstract_with_shardings(state: nnx.State, shardings: nnx.State) -> dict:
     """The pure-dict restore target: every leaf a ShapeDtypeStruct carrying its target sharding."""
-    pure_state, pure_sh = state.to_pure_dict(), shardings.to_pure_dict()
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure_state, pure_sh)
+    return _with_shardings(state.to_pure_dict(), shardings.to_pure_dict())
 
 
 class TrainCheckpointer:
@@ -131,7 +134,7 @@ def restore_params(directory: str | os.PathLike, abstract_params: nnx.State, *, 
         sh = jax.tree.map(lambda _: device, pure)
     else:
         sh = shardings.to_pure_dict()
-    target = {which: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, sh)}
+    target = {which: _with_shardings(pure, sh)}
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(

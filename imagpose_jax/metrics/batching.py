@@ -23,8 +23,8 @@ def batched(fn: Callable, arrays: Sequence, batch_size: int) -> np.ndarray:
         m = chunk[0].shape[0]
         if m < batch_size and n > batch_size:
             chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - m, axis=0)]) for c in chunk]
-        out.append(np.asarray(fn(*[jnp.asarray(c) for c in chunk]))[:m])
-    return np.concatenate(out)
+        out.append(fn(*[jnp.asarray(c) for c in chunk])[:m])  # stays on the device: no sync per batch
+    return np.concatenate(jax.device_get(out))
 
 
 @functools.lru_cache(maxsize=64)

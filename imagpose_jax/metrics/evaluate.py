@@ -32,6 +32,8 @@ def evaluate_pairs(generated, targets, lpips: LPIPS | None = None, fid: Inceptio
     n = gen.shape[0]
     if n == 0:
         raise ValueError("no image pairs to evaluate")
+    if fid is not None and n < 2:
+        raise ValueError("FID needs at least 2 images per set")
     skw = dict(ssim_kwargs or {})
     out = {
         "n": int(n),
@@ -42,8 +44,6 @@ def evaluate_pairs(generated, targets, lpips: LPIPS | None = None, fid: Inceptio
     if lpips is not None:
         out["lpips"] = float(np.mean(lpips_distance(lpips, gen, tgt, batch_size=batch_size)))
     if fid is not None:
-        if n < 2:
-            raise ValueError("FID needs at least 2 images per set")
         out["fid"] = fid_from_features(inception_features(fid, gen, batch_size=batch_size),
                                        inception_features(fid, tgt, batch_size=batch_size))
     return out

@@ -288,6 +288,9 @@ def load_inception(path: str | os.PathLike, variant: str = "auto", *, precision=
                 f"{path}: cannot tell the Inception variant (fc.weight is "
                 f"{'missing' if fc is None else tuple(fc.shape)}); pass variant='fid' or 'torchvision'")
         variant = CLASSES_TO_VARIANT[fc.shape[0]]
+    elif "fc.weight" in sd and CLASSES_TO_VARIANT.get(sd["fc.weight"].shape[0], variant) != variant:
+        raise ConversionError(f"{path}: variant={variant!r} but fc.weight {tuple(sd['fc.weight'].shape)} is the "
+                              f"{CLASSES_TO_VARIANT[sd['fc.weight'].shape[0]]!r} Inception's (FID would be wrong)")
     model = abstract(lambda k: InceptionV3(variant, rngs=k, precision=precision))
     state = torch_to_nnx(nnx.state(model), sd, renames=BN_RENAMES, source=path, skip=[
         Skip(r"^fc\.", "ImageNet classifier: FID uses the 2048-d pool features"),

@@ -52,8 +52,7 @@ def as_images(x, name: str = "images", *, check_range: bool = True) -> tuple[jax
             raise ValueError(f"{name}: values must lie in [0, 1], got min {lo:.6g}, max {hi:.6g}"
                              + (" (images in [-1, 1]? use (x + 1) / 2)" if lo < 0 else "")
                              + (" (images in [0, 255]? divide by 255)" if hi > 1.5 else ""))
-    single = x.ndim == 3
-    x = jnp.asarray(x)
+    single = x.ndim == 3  # NumPy stays NumPy: batched callers move one batch at a time to the device
     return (x[None] if single else x), single
 
 

@@ -112,7 +112,7 @@ def _softmax_attention(q, k, v):
 
 def _chunked(q, k, v, chunk: int):
     b, lq, h, d = q.shape
-    lk, dv = k.shape[1], v.shape[-1]
+    dv = v.shape[-1]
     heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], x.shape[-1])  # noqa: E731
     n, tail = divmod(lq, chunk)
     body = jax.checkpoint(_softmax_attention)  # backward recomputes a chunk's logits: memory stays O(chunk x Lk)

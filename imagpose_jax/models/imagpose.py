@@ -21,6 +21,11 @@ class IMAGPoseConfig:
     patch_size: int = 16
 
     @property
+    def pose_downscale_factor(self) -> int:
+        """Pose pixels per latent along each side: one stride-2 stage per channel entry after the first."""
+        return 2 ** (len(self.pose_guider_channels) - 1)
+
+    @property
     def embed_dim(self) -> int:
         return self.unet.cross_attention_dim
 
@@ -62,7 +67,7 @@ class IMAGPose(nnx.Module):
     def pose_features(self, pose_image: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
         """pose_image (B, f h, f w, 3) -> (B, h, w, C0) for latents of size `latent_hw` = (h, w), where f is the
         pose guider's downscale factor (8 with SD's four stages); it must equal the VAE's."""
-        f = self.pose_guider.downscale_factor
+        f = self.cfg.pose_downscale_factor
         if pose_image.shape[1:3] != (latent_hw[0] * f, latent_hw[1] * f):
             raise ValueError(f"pose grid {pose_image.shape[1:3]} does not match latents {tuple(latent_hw)}: the pose "
                              f"guider downscales by {f} ({len(self.cfg.pose_guider_channels)} stages); use a pose guider "

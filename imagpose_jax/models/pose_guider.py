@@ -20,10 +20,9 @@ class PoseGuider(nnx.Module):
             blocks.append(conv(cin, cout, 3, stride=2, padding=1, rngs=rngs, dtype=dtype))
         self.blocks = nnx.List(blocks)
         self.conv_out = conv(ch[-1], conditioning_embedding_channels, 3, padding=1, rngs=rngs, dtype=dtype, zero_init=True)
-        self.downscale_factor = 2 ** (len(ch) - 1)
 
     def __call__(self, pose: jax.Array) -> jax.Array:
-        """pose (B, f h, f w, 3) in [0, 1] -> (B, h, w, conditioning_embedding_channels); f = downscale_factor (8 by default)."""
+        """pose (B, f h, f w, 3) in [0, 1] -> (B, h, w, conditioning_embedding_channels); f = 2 ** (stages - 1)."""
         x = jax.nn.silu(self.conv_in(pose))
         for block in self.blocks:
             x = jax.nn.silu(block(x))

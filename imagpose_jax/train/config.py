@@ -16,6 +16,7 @@ from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
 from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
 from imagpose_jax.models.init import ParamKeys
 from imagpose_jax.models.unet_config import UNetConfig
+from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 from imagpose_jax.schedulers.common import alphas_cumprod
 from imagpose_jax.train.stages import check_model_config, trainable_filter
 from imagpose_jax.train.state import TrainState, make_tx
@@ -105,7 +106,6 @@ def optimizer(c: ml_collections.ConfigDict):
 
 
 def default_vae(vae_config: dict, keys: ParamKeys) -> nnx.Module:
-    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
     return AutoencoderKL(VAEConfig.from_dict(vae_config), rngs=keys)
 
 
@@ -115,7 +115,7 @@ def state_builder(c: ml_collections.ConfigDict,
     into the sharded state afterwards) and an optimizer over the stage's trainable parameters."""
     mcfg = model_config(c)
     check_model_config(c.stage, mcfg)
-    vae_factor, pose_factor = 2 ** (len(c.vae.block_out_channels) - 1), 2 ** (len(c.pose_guider_channels) - 1)
+    vae_factor, pose_factor = VAEConfig.from_dict(c.vae.to_dict()).downscale_factor, mcfg.pose_downscale_factor
     if vae_factor != pose_factor:
         raise ValueError(f"the VAE downscales by {vae_factor} but the pose guider by {pose_factor}: give "
                          f"pose_guider_channels {len(c.vae.block_out_channels)} entries")

@@ -22,6 +22,10 @@ def ensure_synthetic(c: ml_collections.ConfigDict, workdir: str) -> dict[str, st
     """Writes the synthetic dataset (once, by process 0; others wait) and returns its split index files."""
     from imagpose_jax.data.synthetic import make_synthetic_dataset
     root, s = synthetic_root(c, workdir), c.data.synthetic
+    if "://" in root:
+        raise ValueError(f"the synthetic dataset is written with local file I/O, not to {root!r}: set "
+                         f"--config.data.path to a local folder (every host needs it; a shared file system, or "
+                         f"each host its own copy: the data is a function of data.synthetic.seed)")
     index = {split: os.path.join(root, f"{split}.json") for split in ("train", "test")}
     if jax.process_index() == 0 and not os.path.isfile(index["train"]):
         make_synthetic_dataset(root, num_persons=s.num_persons, poses_per_person=s.poses_per_person,

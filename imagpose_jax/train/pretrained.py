@@ -18,12 +18,12 @@ def _check_model_config(folder: str, c: ml_collections.ConfigDict) -> None:
     from imagpose_jax.train.config import model_config
     theirs, ours = IMAGPoseConfig.from_case(read_config(folder)).to_dict(), model_config(c).to_dict()
     for d in (theirs, ours):
-        d["unet_config"].pop("attn_impl", None)
-    if theirs != ours:
-        diff = {k: (theirs["unet_config"].get(k), v) for k, v in ours["unet_config"].items()
-                if theirs["unet_config"].get(k) != v}
+        d["unet_config"].pop("attn_impl", None)  # a runtime choice, not part of the weights
+    diff = {f"{part}.{k}": (theirs[part].get(k), v) for part in ours for k, v in ours[part].items()
+            if theirs[part].get(k) != v}
+    if diff:
         raise ValueError(f"{folder}: its model settings differ from the config's (folder, config): "
-                         f"{json.dumps(diff, default=str)[:800] or theirs}")
+                         f"{json.dumps(diff, default=str)[:800]}")
 
 
 def load_pretrained(state: nnx.State, shardings: nnx.State, c: ml_collections.ConfigDict) -> nnx.State:
