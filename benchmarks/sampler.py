@@ -28,6 +28,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from imagpose_jax.testing import random_batch
 from benchmarks.common import (machine_info, materialize, param_count, peak_memory, reset_peak_rss, round_robin,
                                rss_gib, table, timed, write_result)
 
@@ -54,17 +55,6 @@ def build_models(size: str, dtype):
             graphdef, state = nnx.split(m)
             nnx.update(m, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
     return cfg, models
-
-
-def make_batch(n: int, view: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    g = 2 * view
-    flag = np.zeros((n, g // 8, g // 8, 1), np.float32)
-    flag[:, : g // 16] = 1.0  # top two slots known
-    return {"masked_grid": rng.uniform(-1, 1, (n, g, g, 3)).astype(np.float32), "flag_grid": flag,
-            "pose_grid": rng.uniform(0, 1, (n, g, g, 3)).astype(np.float32),
-            "ref_pixels": rng.uniform(-1, 1, (n, view, view, 3)).astype(np.float32),
-            "dino_pixels": rng.standard_normal((n, 224, 224, 3)).astype(np.float32)}
 
 
 def main(argv=None) -> int:
@@ -94,15 +84,15 @@ def main(argv=None) -> int:
     print(f"models built in {build_s:.1f}s: denoiser {info['params_denoiser'] / 1e9:.3f} B params "
           f"(VAE {info['params_vae'] / 1e6:.0f} M, DINOv2 {info['params_dino'] / 1e6:.0f} M), RSS {rss_gib():.1f} GiB",
           flush=True)
-    batch = make_batch(a.batch, a.views)
+    batch = random_batch(a.batch, a.views, a.views)
     g = 2 * a.views
     h = g // 8
     cfg_b = 2 * a.batch if a.guidance > 1 else a.batch
 
     # -- the bare UNet call of one denoising step ------------------------------------------------------------
     rng = np.random.default_rng(1)
-    ctx_len = jax.eval_shape(lambda: model.context(jnp.zeros((1, _dino_tokens(dino), cfg.embed_dim), dtype),
-                                                   jnp.zeros((1, a.views // 8, a.views // 8, 4), dtype))).shape[1]
+    ctx_len = _dino_tokens(dino) + jax.eval_shape(lambda: model.patch(jnp.zeros((1, a.views // 8, a.views // 8, 4),
+                                                                                dtype))).shape[1]
     unet_args = (jnp.asarray(rng.standard_normal((cfg_b, h, h, 9)), dtype), jnp.asarray(500, jnp.int32),
                  jnp.asarray(rng.standard_normal((cfg_b, ctx_len, cfg.embed_dim)), dtype),
                  jnp.asarray(rng.standard_normal((cfg_b, h, h, cfg.unet.block_out_channels[0])), dtype))

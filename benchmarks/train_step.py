@@ -29,21 +29,9 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from imagpose_jax.testing import random_batch
 from benchmarks.common import (machine_info, peak_flops, peak_memory, reset_peak_rss, rss_gib, table, timed,
                                write_result)
-
-
-def random_batch(batch: int, height: int, width: int, seed: int = 0) -> dict:
-    """The step's inputs (`train.step.STEP_KEYS`) with random values of the right ranges."""
-    rng = np.random.default_rng(seed)
-    gh, gw = 2 * height, 2 * width
-    flag = np.zeros((batch, gh // 8, gw // 8, 1), np.float32)
-    flag[:, : gh // 16] = 1.0
-    return {"grid_image": rng.uniform(-1, 1, (batch, gh, gw, 3)).astype(np.float32),
-            "masked_grid": rng.uniform(-1, 1, (batch, gh, gw, 3)).astype(np.float32),
-            "pose_grid": rng.uniform(0, 1, (batch, gh, gw, 3)).astype(np.float32), "flag_grid": flag,
-            "ref_image": rng.uniform(-1, 1, (batch, height, width, 3)).astype(np.float32),
-            "dino_pixels": rng.standard_normal((batch, 224, 224, 3)).astype(np.float32)}
 
 
 def main(argv=None) -> int:

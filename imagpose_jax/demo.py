@@ -95,11 +95,11 @@ def train_config(dc: DemoConfig, data_dir: str, vae_folder: str, vae_config: dic
 
 
 def eval_batch(persons, scenario: int, view: int) -> tuple[dict, list[dict]]:
-    """Sampler inputs (one grid per person) and the examples (with gt_grid) for a scenario."""
+    """Sampler inputs (one grid per person) and the examples (their `grid` is the ground truth) for a scenario."""
+    from imagpose_jax.data.batch import stack
     from imagpose_jax.data.pipeline import make_eval_example
-    from imagpose_jax.sampling.sampler import batch_from_examples
     examples = [make_eval_example(p, scenario, view, view) for p in persons]
-    return batch_from_examples(examples), examples
+    return stack(examples), examples
 
 
 def target_views(grids: np.ndarray, scenario: int) -> np.ndarray:
@@ -110,7 +110,7 @@ def target_views(grids: np.ndarray, scenario: int) -> np.ndarray:
 
 def copy_source(examples: list[dict], scenario: int) -> np.ndarray:
     """The copy-source baseline: the reference source view (slot 0) as every target's prediction, in [0, 1]."""
-    return np.stack([e["ref_image"] / 2 + 0.5 for e in examples for _ in SCENARIO_TARGETS[scenario]])
+    return np.stack([e["ref_pixels"] / 2 + 0.5 for e in examples for _ in SCENARIO_TARGETS[scenario]])
 
 
 def score(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -123,7 +123,7 @@ def sheet(examples: list[dict], scenario: int, generated: np.ndarray) -> np.ndar
     from imagpose_jax.data.grid import untile
     rows, k = [], 0
     for e in examples:
-        views, poses = untile((e["gt_grid"] + 1) / 2), untile(e["pose_grid"])
+        views, poses = untile((e["grid"] + 1) / 2), untile(e["pose_grid"])
         for s in SCENARIO_TARGETS[scenario]:
             rows.append(np.concatenate([views[i] for i in SCENARIO_SOURCES[scenario]]
                                        + [poses[s], generated[k], views[s]], axis=1))
@@ -158,7 +158,7 @@ def evaluate(export: str, c, test_persons, dc: DemoConfig, out: str, log=None) -
     results = {"trained": {}, "untrained": {}, "copy_source": {}}
     for n in (1, 2, 3):
         batch, examples = eval_batch(test_persons, n, dc.view)
-        truth = target_views((np.stack([e["gt_grid"] for e in examples]) + 1) / 2, n)
+        truth = target_views((batch.grid + 1) / 2, n)
         shape = (len(examples), *sampler.latent_shape(2 * dc.view, 2 * dc.view))
         noise = np.asarray(jax.random.normal(jax.random.key(dc.seed + n), shape))
         sampler.set_weights(trained, vae, dino)

@@ -14,7 +14,9 @@ def run_pipeline_case(folder, case) -> str:
     from convert_weights.vae import load_vae
     from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
     from imagpose_jax.models.init import abstract
-    from imagpose_jax.preprocess import clip_preprocess, load_image, vae_preprocess
+    from imagpose_jax.data.batch import make_example, stack
+    from imagpose_jax.data.grid import untile
+    from imagpose_jax.preprocess import load_image, vae_preprocess
     from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
     from flax import nnx
 
@@ -30,16 +32,25 @@ def run_pipeline_case(folder, case) -> str:
     scfg = SamplerConfig.original_inference(num_inference_steps=call["num_inference_steps"],
                                             guidance_scale=call["guidance_scale"]).replace(scheduler_config=sch)
     ref = load_image(folder / call["ref_image"])
-    flag = np.asarray(Image.open(folder / call["flag_grid"]).convert("L"), np.float32)[..., None] / 255.0
-    batch = {
-        "masked_grid": vae_preprocess(load_image(folder / call["image_mask_grid"]), grid_hw)[None],
-        "pose_grid": (np.asarray(load_image(folder / call["pose_grid"]).resize(grid_hw[::-1], Image.LANCZOS)
-                      if load_image(folder / call["pose_grid"]).size != grid_hw[::-1]
-                      else load_image(folder / call["pose_grid"]), np.float32)[None] / 255.0),
-        "flag_grid": flag[None],
-        "ref_pixels": vae_preprocess(ref, grid_hw)[None],
-        "dino_pixels": clip_preprocess(ref, squash_to_224=True)[None],
-    }
+    pose = load_image(folder / call["pose_grid"])
+    if pose.size != grid_hw[::-1]:
+        pose = pose.resize(grid_hw[::-1], Image.LANCZOS)
+    example = make_example(untile(vae_preprocess(load_image(folder / call["image_mask_grid"]), grid_hw)),
+                           untile(np.asarray(pose, np.float32) / 255.0), known_from_flag(folder / call["flag_grid"]),
+                           ref, ref_size=grid_hw, dino_squash=True)
+    batch = stack([example])
     noise = nhwc(np.load(folder / "inputs.npz")["init_noise"])
     images = Sampler(model, vae, dino, scfg)(batch, noise=noise)
     return check_tolerance(case, images, np.load(folder / "expected.npz")["image"], f"{folder.name} image")
+
+
+def known_from_flag(path) -> np.ndarray:
+    """The case's flag grid PNG (white over known slots) -> (4,) bools; the flag must be constant per slot, as the
+    model builds it from the known slots (`models.imagpose.slot_mask`)."""
+    from imagpose_jax.data.grid import untile
+    flag = np.asarray(Image.open(path).convert("L"), np.float32)[..., None] / 255.0
+    slots = untile(flag)                                                     # (4, h, w, 1)
+    known = slots.reshape(4, -1).mean(1) > 0.5
+    if not np.array_equal(slots, np.broadcast_to(known[:, None, None, None], slots.shape).astype(np.float32)):
+        raise AssertionError(f"{path}: the flag grid is not 0/1 constant over each slot")
+    return known

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagpose_jax.data.batch import masked_views
+from imagpose_jax.preprocess import clip_preprocess
 from imagpose_jax.data.index import Person, View, read_imagpose_json
 from imagpose_jax.data.pipeline import (CorruptImageError, Crop, load_view, make_eval_example,
                                         make_train_iterator)
@@ -51,11 +53,9 @@ def test_shapes_and_ranges(persons):
     b = next(make_train_iterator(persons, H, W, batch_size=3, seed=0, shard_index=0, shard_count=1))
     shapes = {k: (v.shape, v.dtype.name) for k, v in b.items()}
     assert shapes == {
-        "grid_image": ((3, 128, 128, 3), "float32"), "masked_grid": ((3, 128, 128, 3), "float32"),
-        "pose_grid": ((3, 128, 128, 3), "float32"), "known": ((3, 4), "bool"),
-        "flag_grid": ((3, 16, 16, 1), "float32"), "ref_image": ((3, 64, 64, 3), "float32"),
-        "ref_image_uint8": ((3, 64, 64, 3), "uint8")}
-    for key in ("grid_image", "masked_grid", "ref_image"):
+        "grid": ((3, 128, 128, 3), "float32"), "pose_grid": ((3, 128, 128, 3), "float32"), "known": ((3, 4), "bool"),
+        "ref_pixels": ((3, 64, 64, 3), "float32"), "dino_pixels": ((3, 224, 224, 3), "float32")}
+    for key in ("grid", "ref_pixels"):
         assert b[key].min() >= -1 and b[key].max() <= 1
     assert b["pose_grid"].min() == 0 and b["pose_grid"].max() <= 1 and b["pose_grid"].max() > 0.5
 
@@ -64,22 +64,14 @@ def test_example_invariants(persons):
     it = make_train_iterator(persons, H, W, batch_size=8, seed=5, shard_index=0, shard_count=1)
     refs_in_slot = np.zeros(4, int)
     for b in batches(it, 6):
-        for grid, masked, flags, known, ref, ref8 in zip(b["grid_image"], b["masked_grid"], b["flag_grid"],
-                                                        b["known"], b["ref_image"], b["ref_image_uint8"]):
+        for grid, known, ref, dino in zip(b["grid"], b["known"], b["ref_pixels"], b["dino_pixels"]):
             assert known.any() and not known.all()
-            views, masked_views, flag_slots = slots(grid), slots(masked), slots(flags)
+            views = slots(grid)
             assert not all(np.array_equal(views[0], v) for v in views[1:])  # not one view four times
-            for s in range(4):
-                if known[s]:
-                    np.testing.assert_array_equal(masked_views[s], views[s])
-                    assert (flag_slots[s] == 1).all()
-                else:
-                    assert (masked_views[s] == -1).all()
-                    assert (flag_slots[s] == 0).all()
             matches = [s for s in range(4) if known[s] and np.array_equal(views[s], ref)]
             assert matches, "the reference is not a known slot"
             refs_in_slot[matches[0]] += 1
-            np.testing.assert_array_equal(ref8, to_uint8(ref))
+            np.testing.assert_array_equal(dino, clip_preprocess(to_uint8(ref)))  # CLIP's input, made by the workers
     assert (refs_in_slot > 0).sum() >= 3  # the reference moves between slots
 
 
@@ -109,7 +101,7 @@ def test_one_crop_and_flip_for_all_slots_images_and_poses(coded_persons):
     it = make_train_iterator(coded_persons, H, W, batch_size=16, seed=2, shard_index=0, shard_count=1)
     seen_offsets, seen_flips = set(), set()
     for b in batches(it, 3):
-        for grid, pose in zip(slots(to_uint8(b["grid_image"])), slots(np.rint(b["pose_grid"] * 255).astype(np.uint8))):
+        for grid, pose in zip(slots(to_uint8(b["grid"])), slots(np.rint(b["pose_grid"] * 255).astype(np.uint8))):
             columns = grid[:, 0, :, 0]  # (4, 64): the source columns each slot shows
             assert (columns == columns[0]).all() and (pose[:, 0, :, 0] == columns[0]).all()
             step = np.diff(columns[0].astype(int))
@@ -127,7 +119,7 @@ def test_deterministic_from_seed(persons):
         return batches(make_train_iterator(persons, H, W, batch_size=4, seed=seed, shard_index=0, shard_count=1), 3)
     a = first(7)
     assert_same(a, first(7))
-    assert not np.array_equal(a[0]["grid_image"], first(8)[0]["grid_image"])
+    assert not np.array_equal(a[0]["grid"], first(8)[0]["grid"])
 
 
 def test_state_save_and_restore(persons):
@@ -209,17 +201,15 @@ def test_eval_scenarios(files, scenario, view_ids, positions, known):
     person = read_imagpose_json(files["test"].index_json)[0]
     ex = make_eval_example(person, scenario, H, W, view_ids)
     np.testing.assert_array_equal(ex["known"], np.array(known, bool))
-    views, masked, flags = slots(ex["grid_image"]), slots(ex["masked_grid"]), slots(ex["flag_grid"])
-    poses = slots(ex["pose_grid"])
+    views, poses = slots(ex["grid"]), slots(ex["pose_grid"])
+    masked = slots(masked_views(ex["grid"], ex["known"]))
     for s, i in enumerate(positions):
         image, pose = load_view(person.views[i], H, W, Crop())
         np.testing.assert_array_equal(to_uint8(views[s]), image)
         np.testing.assert_array_equal(np.rint(poses[s] * 255), pose)
         assert (masked[s] == (views[s] if known[s] else -1)).all()
-        assert (flags[s] == known[s]).all()
-    np.testing.assert_array_equal(ex["gt_grid"], ex["grid_image"])
-    np.testing.assert_array_equal(ex["ref_image"], views[0])
-    np.testing.assert_array_equal(ex["ref_image_uint8"], to_uint8(views[0]))
+    np.testing.assert_array_equal(ex["ref_pixels"], views[0])
+    np.testing.assert_array_equal(ex["dino_pixels"], clip_preprocess(to_uint8(views[0])))
     assert make_eval_example(person, scenario, H, W, view_ids).keys() == ex.keys()
 
 

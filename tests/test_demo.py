@@ -103,7 +103,7 @@ def test_target_views_and_sheet_layout():
         got = demo.target_views(grids, n)
         want = np.stack([untile(g)[s] for g in grids for s in demo.SCENARIO_TARGETS[n]])
         np.testing.assert_array_equal(got, want)
-    examples = [{"gt_grid": g * 2 - 1, "pose_grid": g[::-1]} for g in grids]
+    examples = [{"grid": g * 2 - 1, "pose_grid": g[::-1]} for g in grids]
     gen = demo.target_views(grids, 2)
     s = demo.sheet(examples, 2, gen)
     assert s.shape == (6 * 64, 4 * 64, 3)

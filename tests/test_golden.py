@@ -12,7 +12,8 @@ CASES = case_dirs()
 
 
 def run_forward(folder, case) -> str:
-    """`cva_forward` / `stage1_forward`: pose guider + patch tokens + UNet on given inputs."""
+    """`cva_forward` / `stage1_forward`: `IMAGPose.condition` then `IMAGPose.denoise` on the given inputs (the case's
+    flag channel holds arbitrary values, so it is passed as it is)."""
     from convert_weights.imagpose import load_imagpose
     from imagpose_jax.models.imagpose import IMAGPoseConfig, IMAGPose
     from imagpose_jax.models.init import abstract
@@ -25,9 +26,14 @@ def run_forward(folder, case) -> str:
     model = abstract(lambda k: IMAGPose(cfg, rngs=k))
     nnx.update(model, params)
     x = np.load(folder / "inputs.npz")
-    out = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(nhwc(x["sample"])), jnp.asarray(x["timestep"]),
-                                       jnp.asarray(x["image_embeds"]), jnp.asarray(nhwc(x["ref_latents"])),
-                                       jnp.asarray(nhwc(x["pose_image"])))
+    sample = jnp.asarray(nhwc(x["sample"]))                       # (B, h, w, 9) = [noisy 4 | flag 1 | masked 4]
+
+    def forward(m, sample, t, image_embeds, ref_latents, pose):
+        cond = m.condition(image_embeds, ref_latents, sample[..., 5:], pose, flag=sample[..., 4:5])
+        return m.denoise(sample[..., :4], t, cond)
+
+    out = nnx.jit(forward)(model, sample, jnp.asarray(x["timestep"]), jnp.asarray(x["image_embeds"]),
+                           jnp.asarray(nhwc(x["ref_latents"])), jnp.asarray(nhwc(x["pose_image"])))
     return check_tolerance(case, nchw(out), np.load(folder / "expected.npz")["out"], f"{folder.name} out")
 
 
@@ -36,7 +42,13 @@ def run_pipeline(folder, case) -> str:
     return run_pipeline_case(folder, case)
 
 
-RUNNERS = {"cva_forward": run_forward, "stage1_forward": run_forward, "pipeline": run_pipeline}
+def run_train_loss(folder, case) -> str:
+    from golden_train import run_train_loss_case
+    return run_train_loss_case(folder, case)
+
+
+RUNNERS = {"cva_forward": run_forward, "stage1_forward": run_forward, "pipeline": run_pipeline,
+           "train_loss": run_train_loss}
 
 
 @pytest.mark.golden

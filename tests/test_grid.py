@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from imagpose_jax.data.grid import compose, flag_grid, plan_layouts, tile, untile
+from imagpose_jax.data.grid import compose, plan_layouts, tile, untile
+from imagpose_jax.models.imagpose import slot_mask
 
 
 def test_tile_is_row_major_and_untile_inverts_it():
@@ -14,10 +15,14 @@ def test_tile_is_row_major_and_untile_inverts_it():
     assert np.array_equal(untile(grid), views)
 
 
-def test_flag_grid_marks_known_quadrants_at_latent_resolution():
-    f = flag_grid([True, False, False, True], 128, 64)
-    assert f.shape == (32, 16, 1)
-    assert f[:16, :8].min() == 1 and f[:16, 8:].max() == 0 and f[16:, :8].max() == 0 and f[16:, 8:].min() == 1
+def test_slot_mask_marks_known_quadrants_at_any_size():
+    f = np.asarray(slot_mask(np.array([[True, False, False, True], [False, True, True, False]]), 32, 16))
+    assert f.shape == (2, 32, 16, 1) and set(np.unique(f)) == {0.0, 1.0}
+    assert f[0, :16, :8].min() == 1 and f[0, :16, 8:].max() == 0 and f[0, 16:, :8].max() == 0 and f[0, 16:, 8:].min() == 1
+    np.testing.assert_array_equal(f[1], 1 - f[0])
+    np.testing.assert_array_equal(untile(f[0])[:, 0, 0, 0], [1, 0, 0, 1])   # the slot order of `tile`
+    with pytest.raises(ValueError, match="even"):
+        slot_mask(np.ones((1, 4), bool), 15, 16)
 
 
 def test_scenario_layouts():
@@ -39,7 +44,7 @@ def test_compose_blacks_out_unknown_slots():
     src = [np.full((h, w, 3), 0.5, np.float32)]
     poses = [np.full((h, w, 3), 0.25, np.float32)]
     tgt = [np.full((h, w, 3), 0.75, np.float32)]
-    g = compose(plan_layouts(1, 1)[0], src, poses, tgt)
-    views = untile(g["masked_grid"])
+    views, pose_views = compose(plan_layouts(1, 1)[0], src, poses, tgt)
+    assert views.shape == pose_views.shape == (4, h, w, 3)
     assert (views[:3] == 0.5).all() and (views[3] == -1).all()
-    assert (untile(g["pose_grid"])[3] == 0.75).all() and g["flag_grid"].shape == (16, 16, 1)
+    assert (pose_views[:3] == 0.25).all() and (pose_views[3] == 0.75).all()

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from imagpose_jax.cli import main as cli_main
+from imagpose_jax.data.batch import Batch
+from imagpose_jax.testing import random_batch
 
 from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
 from imagpose_jax.models.imagpose import IMAGPose
@@ -28,11 +30,7 @@ def models():
 
 
 def _batch(n, seed, view=64):
-    rng = np.random.default_rng(seed)
-    g = 2 * view
-    return {"masked_grid": rng.uniform(-1, 1, (n, g, g, 3)), "flag_grid": np.ones((n, g // 8, g // 8, 1)),
-            "pose_grid": rng.uniform(0, 1, (n, g, g, 3)), "ref_pixels": rng.uniform(-1, 1, (n, view, view, 3)),
-            "dino_pixels": rng.standard_normal((n, 224, 224, 3))}
+    return random_batch(n, view, view, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +42,9 @@ def test_compiled_once_and_batch_independent(pipe):
     sampler = pipe.sampler
     noise = np.random.default_rng(9).standard_normal((2, 16, 16, 4)).astype(np.float32)
     b = _batch(2, 0)
-    first = sampler({k: v[:1] for k, v in b.items()}, noise=noise[:1])
+    first = sampler(Batch(*(x[:1] for x in b)), noise=noise[:1])
     assert first.shape == (1, 128, 128, 3) and 0 <= first.min() and first.max() <= 1
-    other = sampler({k: v[1:] for k, v in b.items()}, noise=noise[1:])   # new inputs, same shapes: no new trace
+    other = sampler(Batch(*(x[1:] for x in b)), noise=noise[1:])   # new inputs, same shapes: no new trace
     assert sampler.traces == 1 and not np.allclose(first, other)
     both = sampler(b, noise=noise)                                        # a new batch size compiles once more
     assert sampler.traces == 2

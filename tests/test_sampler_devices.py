@@ -21,9 +21,8 @@ SCRIPT = textwrap.dedent('''
     dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(2))
     rng = np.random.default_rng(0)
     n = 3  # not a multiple of the device count: the sampler pads
-    b = {"masked_grid": rng.uniform(-1, 1, (n, 128, 128, 3)), "flag_grid": np.ones((n, 16, 16, 1)),
-         "pose_grid": rng.uniform(0, 1, (n, 128, 128, 3)), "ref_pixels": rng.uniform(-1, 1, (n, 64, 64, 3)),
-         "dino_pixels": rng.standard_normal((n, 224, 224, 3))}
+    from imagpose_jax.testing import random_batch
+    b = random_batch(n, 64, 64, known=(True, False, True, False))
     noise = rng.standard_normal((n, 16, 16, 4)).astype(np.float32)
     s = Sampler(model, vae, dino, SamplerConfig(num_inference_steps=1))
     assert (s.mesh is not None) == (jax.local_device_count() > 1)

@@ -36,7 +36,6 @@ WORKER = textwrap.dedent("""
     from jax.experimental import multihost_utils
     from imagpose_jax.data.index import read_imagpose_json
     from imagpose_jax.data.pipeline import make_train_iterator
-    from imagpose_jax.train.step import host_batch
     from train_fixtures import build, tiny_config
 
     index_json, hosts, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -46,7 +45,7 @@ WORKER = textwrap.dedent("""
 
     def host_batches(shard):  # what host `shard` of `hosts` reads
         it = make_train_iterator(persons, 64, 64, batch_size=2, seed=0, shard_index=shard, shard_count=hosts)
-        return [host_batch(next(it)) for _ in range(steps)]
+        return [next(it) for _ in range(steps)]
 
     if jax.process_count() > 1:
         assert started and jax.process_count() == hosts and jax.local_device_count() == 2
@@ -63,8 +62,8 @@ WORKER = textwrap.dedent("""
     losses = []
     for batch in local:
         batch = host_batch_to_global(batch, mesh)
-        assert batch["grid_image"].shape[0] == 4
-        assert batch["grid_image"].is_fully_addressable == (jax.process_count() == 1)
+        assert batch["grid"].shape[0] == 4
+        assert batch["grid"].is_fully_addressable == (jax.process_count() == 1)
         state, metrics = step(state, batch)
         losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
     print("RESULT " + json.dumps({"process": jax.process_index(), "count": jax.process_count(),

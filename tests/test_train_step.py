@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from imagpose_jax.train.stages import CVA
-from train_fixtures import REAL_VAE, build, tiny_batch, tiny_config
+from train_fixtures import build, tiny_batch, tiny_config
 
 
 STEPS = 60
@@ -23,7 +23,6 @@ def flat(state) -> dict:
 @pytest.fixture(scope="module")
 def run():
     """Builds a stage-2 state (lr 1e-3 to overfit quickly, EMA on) and trains STEPS steps on one batch."""
-    print(f"\nVAE: {'imagpose_jax.models.vae' if REAL_VAE else 'test stand-in (models/vae.py not written yet)'}")
     c = tiny_config(2)
     c.optim.learning_rate = 1e-3
     c.ema = True

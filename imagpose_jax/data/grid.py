@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 
 NUM_SLOTS = 4
-LATENT_SCALE = 8
 VIEW_MULTIPLE = 64
 
 
@@ -35,14 +34,6 @@ def untile(grid: np.ndarray) -> np.ndarray:
     x = grid.reshape(*lead, 2, hh // 2, 2, ww // 2, c)
     x = np.moveaxis(x, -3, -4)
     return x.reshape(*lead, NUM_SLOTS, hh // 2, ww // 2, c)
-
-
-def flag_grid(known, view_height: int, view_width: int) -> np.ndarray:
-    """(4,) bools -> (2H/8, 2W/8, 1) float32: 1 over known slots, 0 over unknown ones."""
-    known = np.asarray(known, bool)
-    h, w = view_height // LATENT_SCALE, view_width // LATENT_SCALE
-    views = np.broadcast_to(known[:, None, None, None], (NUM_SLOTS, h, w, 1)).astype(np.float32)
-    return tile(views)
 
 
 @dataclass(frozen=True)
@@ -90,11 +81,11 @@ def plan_layouts(num_sources: int, num_targets: int) -> list[Layout]:
 
 
 def compose(layout: Layout, sources: list[np.ndarray], source_poses: list[np.ndarray],
-            target_poses: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Grids for one layout from views of equal size (H, W, 3): images in [-1, 1], poses in [0, 1].
+            target_poses: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """One layout's slots from views of equal size (H, W, 3): images in [-1, 1], poses in [0, 1].
 
-    Returns `masked_grid` (2H, 2W, 3) with -1 (black) in unknown slots, `pose_grid` (2H, 2W, 3) and
-    `flag_grid` (2H/8, 2W/8, 1)."""
+    Returns the views (4, H, W, 3), -1 (black) in unknown slots, and the poses (4, H, W, 3); `layout.known`
+    gives the known slots (`data.batch.make_example` takes the three)."""
     h, w, _ = sources[0].shape
     images, poses = [], []
     for kind, i in layout.slots:
@@ -104,6 +95,4 @@ def compose(layout: Layout, sources: list[np.ndarray], source_poses: list[np.nda
         else:
             images.append(np.full((h, w, 3), -1.0, np.float32))
             poses.append(target_poses[i])
-    return {"masked_grid": tile(np.stack(images).astype(np.float32)),
-            "pose_grid": tile(np.stack(poses).astype(np.float32)),
-            "flag_grid": flag_grid(layout.known, h, w)}
+    return np.stack(images).astype(np.float32), np.stack(poses).astype(np.float32)

@@ -1,15 +1,9 @@
 """Training and evaluation examples on the 2x2 grid (spec sections 2 and 6), with grain.
 
-One example is four views of one person tiled row-major (slot 0 top-left, 1 top-right,
-2 bottom-left, 3 bottom-right), NHWC numpy arrays for views of H x W pixels:
-
-    grid_image       (2H, 2W, 3) float32 in [-1, 1]   all four views
-    masked_grid      (2H, 2W, 3) float32 in [-1, 1]   known views, -1 (black) in unknown slots
-    pose_grid        (2H, 2W, 3) float32 in [0, 1]    the pose renderings of all four views
-    known            (4,) bool                        which slots are given
-    flag_grid        (2H/8, 2W/8, 1) float32          1 over known slots, 0 over unknown ones
-    ref_image        (H, W, 3) float32 in [-1, 1]     the reference view (VAE patch tokens)
-    ref_image_uint8  (H, W, 3) uint8                  the same view for DINOv2's preprocessing
+One example is four views of one person tiled row-major (slot 0 top-left, 1 top-right, 2 bottom-left,
+3 bottom-right), with the keys of the one host batch type, `data.batch.Batch` (`data.batch.make_example`):
+the grid of all four views, the known slots, the pose grid, the reference view for the patch tokens and its
+CLIP pre-processing for DINOv2 (done here, in the data workers, not on the training loop's thread).
 
 Views are resized to cover H x W keeping their aspect (bicubic), cropped to H x W and maybe
 flipped; a training example draws one crop position and one flip for all four slots, images and
@@ -28,7 +22,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from imagpose_jax.data.grid import check_view_size, flag_grid, tile
+from imagpose_jax.data.batch import make_example, stack, to_signed
+from imagpose_jax.data.grid import check_view_size
 from imagpose_jax.data.index import Person, View
 from imagpose_jax.data.pose import render_pose
 
@@ -95,22 +90,11 @@ def load_view(view: View, height: int, width: int, crop: Crop) -> tuple[np.ndarr
 
 
 def build_example(images: np.ndarray, poses: np.ndarray, known: np.ndarray, ref_slot: int) -> Example:
-    """Grids from four views: images and poses (4, H, W, 3) uint8, known (4,) bool, a known ref slot."""
+    """An example from four loaded views: images and poses (4, H, W, 3) uint8, known (4,) bool, a known ref slot."""
     known = np.asarray(known, dtype=bool)
     if not known[ref_slot]:
         raise ValueError(f"the reference slot {ref_slot} is not known: {known.tolist()}")
-    _, h, w, _ = images.shape
-    views = images.astype(np.float32) / 127.5 - 1.0
-    masked = np.where(known[:, None, None, None], views, np.float32(-1.0))
-    return {
-        "grid_image": tile(views),
-        "masked_grid": tile(masked),
-        "pose_grid": tile(poses.astype(np.float32) / 255.0),
-        "known": known,
-        "flag_grid": flag_grid(known, h, w),
-        "ref_image": views[ref_slot],
-        "ref_image_uint8": images[ref_slot],
-    }
+    return make_example(to_signed(images), poses.astype(np.float32) / 255.0, known, images[ref_slot])
 
 
 @dataclasses.dataclass
@@ -184,7 +168,7 @@ class TrainIterator(grain.DatasetIterator):
                 logging.warning("skipped a training example: %s", example.reason)
                 continue
             batch.append(example)
-        return {key: np.stack([e[key] for e in batch]) for key in batch[0]}
+        return dict(stack(batch)._asdict())
 
     def get_state(self) -> dict[str, Any]:
         return {"examples": self._parent.get_state(), "skipped_corrupt": self.skipped_corrupt}
@@ -259,8 +243,8 @@ def make_eval_example(person: Person, scenario: int, height: int, width: int,
       scenario 1: (source, target): the source in slots 0-2, the target in slot 3;
       scenario 2: (source, t1, t2, t3): the source in slot 0, the targets in slots 1-3;
       scenario 3: (s1, s2, s3, target): three different sources in slots 0-2, the target in slot 3.
-    The reference is slot 0. Returns ``build_example``'s keys; ``grid_image`` holds every slot's
-    true view and ``gt_grid`` is the same ground-truth grid under an explicit name.
+    The reference is slot 0. Returns ``build_example``'s keys; ``grid`` holds every slot's true view
+    (the ground truth; the sampler masks the unknown slots itself).
     """
     check_view_size(height, width)
     if scenario not in _SCENARIO_SLOTS:
@@ -274,6 +258,4 @@ def make_eval_example(person: Person, scenario: int, height: int, width: int,
         raise ValueError(f"person {person.name!r} has {len(person.views)} views, asked for {view_ids}")
     loaded = {i: load_view(person.views[i], height, width, Crop()) for i in view_ids}
     images, poses = (np.stack([loaded[view_ids[p]][k] for p in positions]) for k in (0, 1))
-    example = build_example(images, poses, np.array(known), ref_slot=0)
-    example["gt_grid"] = example["grid_image"]
-    return example
+    return build_example(images, poses, np.array(known), ref_slot=0)

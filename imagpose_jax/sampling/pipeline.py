@@ -16,7 +16,8 @@ from PIL import Image
 
 from imagpose_jax.data.grid import Layout, check_view_size, compose, plan_layouts, untile
 from imagpose_jax.data.pose import render_pose
-from imagpose_jax.preprocess import as_rgb_image, clip_preprocess, load_image, vae_preprocess
+from imagpose_jax.data.batch import Batch, make_example, stack
+from imagpose_jax.preprocess import as_rgb_image, load_image, vae_preprocess
 from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
 
 
@@ -77,7 +78,7 @@ class IMAGPosePipeline:
     def from_pretrained(cls, folder, cfg: SamplerConfig = SamplerConfig(), dtype=None) -> IMAGPosePipeline:
         return cls(*load_pipeline_models(folder, dtype), cfg)
 
-    def prepare(self, sources, source_poses, target_poses, view_size: tuple[int, int]) -> tuple[dict, list[Layout]]:
+    def prepare(self, sources, source_poses, target_poses, view_size: tuple[int, int]) -> tuple[Batch, list[Layout]]:
         """Host-side inputs: a batch of grids (one per layout) and the layouts."""
         h, w = view_size
         check_view_size(h, w)
@@ -88,13 +89,10 @@ class IMAGPosePipeline:
         src = [vae_preprocess(im, (h, w)) for im in src_images]
         src_p = [pose_view(p, h, w) for p in source_poses]
         tgt_p = [pose_view(p, h, w) for p in target_poses]
-        grids = [compose(layout, src, src_p, tgt_p) for layout in layouts]
-        ref = src_images[0]
         ref_hw = (h, w) if self.cfg.patch_reference == "view" else (2 * h, 2 * w)
-        batch = {k: np.stack([g[k] for g in grids]) for k in grids[0]}
-        batch["ref_pixels"] = np.repeat(vae_preprocess(ref, ref_hw)[None], len(grids), 0)
-        batch["dino_pixels"] = np.repeat(clip_preprocess(ref, squash_to_224=self.cfg.dino_squash)[None], len(grids), 0)
-        return batch, layouts
+        examples = [make_example(*compose(layout, src, src_p, tgt_p), layout.known, src_images[0], ref_size=ref_hw,
+                                 dino_squash=self.cfg.dino_squash) for layout in layouts]
+        return stack(examples), layouts
 
     def __call__(self, sources, source_poses, target_poses, *, view_size=(512, 512), seed: int = 42,
                  batch_size: int = 4, progress: bool = True) -> Generation:
@@ -104,7 +102,7 @@ class IMAGPosePipeline:
         from tqdm import tqdm
         batch, layouts = self.prepare(sources, source_poses, target_poses, view_size)
         n = len(layouts)
-        hh, ww = batch["masked_grid"].shape[1:3]
+        hh, ww = batch.grid.shape[1:3]
         shape = self.sampler.latent_shape(hh, ww)
         noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape))
                           for i in range(n)])
@@ -112,7 +110,7 @@ class IMAGPosePipeline:
         bs = min(batch_size, n)
         for start in tqdm(range(0, n, bs), disable=not progress or n <= bs, desc="grids", unit="batch"):
             idx = np.minimum(np.arange(start, start + bs), n - 1)  # pad the last batch by repeating its last grid
-            images = self.sampler({k: v[idx] for k, v in batch.items()}, noise=noise[idx])
+            images = self.sampler(Batch(*(x[idx] for x in batch)), noise=noise[idx])
             out.append(images[: min(bs, n - start)])
         grids = np.concatenate(out)
         targets: dict[int, np.ndarray] = {}

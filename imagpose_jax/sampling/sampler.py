@@ -1,19 +1,15 @@
 """The sampler: VAE encoding, DINOv2 tokens, the whole denoising loop with classifier-free guidance and the
 VAE decode, as one jitted XLA program (spec section 7). Compiled once per input shape.
 
-Inputs are host-prepared batches of grids (see `grid.py` and `pipeline.py`), NHWC:
-  masked_grid (B, 2H, 2W, 3) in [-1, 1]    sources in known slots, black elsewhere
-  flag_grid   (B, 2H/8, 2W/8, 1)           1 over known slots (resized to the latents for a VAE with another factor)
-  pose_grid   (B, 2H, 2W, 3) in [0, 1]     every slot's pose rendering
-  ref_pixels  (B, Hr, Wr, 3) in [-1, 1]    the reference for the patch tokens (one view, or the grid size)
-  dino_pixels (B, 224, 224, 3)             the reference after CLIP's pre-processing
+Input: a `data.batch.Batch` (see there; built with `data.batch.make_example`). The program is a composition of
+the model's own functions: `models.encode.encode` -> `IMAGPose.condition` -> (with guidance, [null | cond]
+stacked) `IMAGPose.denoise` at every step -> the VAE decode.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagpose_jax.models.imagpose import flag_at
+from imagpose_jax.data.batch import Batch, as_batch
+from imagpose_jax.models.encode import encode
 from imagpose_jax.schedulers import make_scheduler
 
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -56,24 +53,6 @@ class SamplerConfig:
 
     def replace(self, **kw) -> SamplerConfig:
         return dataclasses.replace(self, **kw)
-
-
-def batch_from_examples(examples) -> dict[str, np.ndarray]:
-    """Sampler inputs from examples of `data.pipeline.make_eval_example` (one grid each), stacked."""
-    from imagpose_jax.preprocess import clip_preprocess
-    return {"masked_grid": np.stack([e["masked_grid"] for e in examples]),
-            "flag_grid": np.stack([e["flag_grid"] for e in examples]),
-            "pose_grid": np.stack([e["pose_grid"] for e in examples]),
-            "ref_pixels": np.stack([e["ref_image"] for e in examples]),
-            "dino_pixels": np.stack([clip_preprocess(e["ref_image_uint8"]) for e in examples])}
-
-
-class Batch(NamedTuple):
-    masked_grid: jax.Array
-    flag_grid: jax.Array
-    pose_grid: jax.Array
-    ref_pixels: jax.Array
-    dino_pixels: jax.Array
 
 
 class Sampler:
@@ -115,23 +94,18 @@ class Sampler:
         self.traces += 1
         model, vae, dino = models
         sched, do_cfg = self.scheduler, self.cfg.guidance_scale > 1.0
-        masked = vae.encode_latents(batch.masked_grid)          # (B, h, w, 4) posterior mean x 0.18215
-        ref_latents = vae.encode_latents(batch.ref_pixels)      # (B, hr, wr, 4)
-        context = model.context(dino(batch.dino_pixels), ref_latents)  # (B, 257 + P, D)
-        pose = model.pose_features(batch.pose_grid, masked.shape[1:3])  # (B, h, w, C0), once for all steps
-        flag = flag_at(batch.flag_grid, masked.shape[1:3]).astype(masked.dtype)      # (B, h, w, 1)
-        cond = jnp.concatenate([flag, masked], axis=-1)                             # (B, h, w, 5)
-        if do_cfg:  # [uncond | cond] in one batch; the null condition is all-zero tokens
-            context = jnp.concatenate([jnp.zeros_like(context), context])
-            pose, cond = jnp.concatenate([pose, pose]), jnp.concatenate([cond, cond])
+        enc = encode(vae, dino, batch)
+        cond = model.condition(enc.image_embeds, enc.ref_latents, enc.masked_latents, batch.pose_grid,
+                               known=batch.known)    # pose features once for all steps
+        if do_cfg:  # [uncond | cond] in one batch
+            cond = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), cond.null(), cond)
         timesteps = jnp.asarray(sched.timesteps)
 
         def body(i, carry):
             latents, solver, k = carry
             k, sub = jax.random.split(k)
             x = jnp.concatenate([latents, latents], 0) if do_cfg else latents
-            t = timesteps[i]
-            out = model.unet(jnp.concatenate([x, cond], axis=-1), t, context, pose)
+            out = model.denoise(x, timesteps[i], cond)
             if do_cfg:
                 uncond, c = jnp.split(out, 2)
                 out = uncond + guidance * (c - uncond)
@@ -142,12 +116,12 @@ class Sampler:
         latents, _, _ = jax.lax.fori_loop(0, len(sched.timesteps), body, (latents, sched.init_solver_state(latents), key))
         return jnp.clip(vae.decode_latents(latents) / 2 + 0.5, 0.0, 1.0)
 
-    def __call__(self, batch: Batch | Mapping, noise: np.ndarray | None = None, key: jax.Array | None = None) -> np.ndarray:
+    def __call__(self, batch: Batch, noise: np.ndarray | None = None, key: jax.Array | None = None) -> np.ndarray:
         """noise (B, 2H/f, 2W/f, C) (f, C: the VAE's downscale factor and latent channels; SD's 8 and 4), or `key`
         to draw it. Returns float32 images (B, 2H, 2W, 3) in [0, 1]."""
-        batch = Batch(**{f: jnp.asarray(batch[f] if isinstance(batch, Mapping) else getattr(batch, f), jnp.float32)
-                         for f in Batch._fields})
-        b, hh, ww, _ = batch.masked_grid.shape
+        batch = as_batch(batch)
+        batch = Batch(*(jnp.asarray(x, bool if f == "known" else jnp.float32) for f, x in zip(Batch._fields, batch)))
+        b, hh, ww, _ = batch.grid.shape
         key = jax.random.key(0) if key is None else key
         shape = (b, *self.latent_shape(hh, ww))
         if noise is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import ml_collections
-from flax import nnx
 
 from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
 from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
@@ -105,12 +104,7 @@ def optimizer(c: ml_collections.ConfigDict):
     return make_tx(**c.optim.to_dict(), total_steps=c.steps)
 
 
-def default_vae(vae_config: dict, keys: ParamKeys) -> nnx.Module:
-    return AutoencoderKL(VAEConfig.from_dict(vae_config), rngs=keys)
-
-
-def state_builder(c: ml_collections.ConfigDict,
-                  make_vae: Callable[[dict, ParamKeys], nnx.Module] = default_vae) -> Callable[[], TrainState]:
+def state_builder(c: ml_collections.ConfigDict) -> Callable[[], TrainState]:
     """The `build` argument of `init_train_state`: random-weight models (pretrained weights are loaded
     into the sharded state afterwards) and an optimizer over the stage's trainable parameters."""
     mcfg = model_config(c)
@@ -122,7 +116,7 @@ def state_builder(c: ml_collections.ConfigDict,
 
     def build() -> TrainState:
         keys = ParamKeys(c.seed)
-        return TrainState(IMAGPose(mcfg, rngs=keys), make_vae(c.vae.to_dict(), keys),
+        return TrainState(IMAGPose(mcfg, rngs=keys), AutoencoderKL(VAEConfig.from_dict(c.vae.to_dict()), rngs=keys),
                           Dinov2Model(Dinov2Config.from_dict(c.dino.to_dict()), rngs=keys), optimizer(c),
                           trainable_filter(c.stage), seed=c.seed, ema=c.ema)
     return build

@@ -31,7 +31,7 @@ from imagpose_jax.train import config as tc
 from imagpose_jax.train.inputs import sample_examples, train_iterator
 from imagpose_jax.train.pretrained import load_pretrained
 from imagpose_jax.train.state import init_train_state
-from imagpose_jax.train.step import TrainStep, host_batch
+from imagpose_jax.train.step import TrainStep
 
 
 class MetricWriter:
@@ -107,7 +107,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     try:
         for step in range(start + 1, c.steps + 1):
             t_step = time.perf_counter()
-            batch = host_batch_to_global(host_batch(next(iterator)), mesh)
+            batch = host_batch_to_global(next(iterator), mesh)
             state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
             if first_step_s is None:
@@ -202,7 +202,8 @@ class SampleWriter:
         if jax.process_count() > 1:
             logging.warning("sample grids are written on single-host runs only; skipped at step %d", step)
             return
-        from imagpose_jax.sampling.sampler import Sampler, SamplerConfig, batch_from_examples
+        from imagpose_jax.data.batch import masked_views, stack
+        from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
         ts = nnx.merge(self.graphdef, state)
         model = ts.model
         if ts.ema is not None:
@@ -214,8 +215,9 @@ class SampleWriter:
             self.sampler = Sampler(model, ts.vae, ts.dino, cfg)
         else:
             self.sampler.set_weights(model, ts.vae, ts.dino)
-        images = self.sampler(batch_from_examples(examples), key=jax.random.key(c.seed))  # (B, 2H, 2W, 3) in [0, 1]
-        rows = [np.concatenate([(e["masked_grid"] + 1) / 2, e["pose_grid"], img, (e["gt_grid"] + 1) / 2], axis=1)
+        images = self.sampler(stack(examples), key=jax.random.key(c.seed))  # (B, 2H, 2W, 3) in [0, 1]
+        rows = [np.concatenate([(masked_views(e["grid"], e["known"]) + 1) / 2, e["pose_grid"], img,
+                                (e["grid"] + 1) / 2], axis=1)
                 for e, img in zip(examples, images)]
         sheet = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)
         folder = os.path.join(self.workdir, "samples")

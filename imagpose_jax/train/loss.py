@@ -10,8 +10,12 @@ agree where SNR >= gamma and differ below (ours is 1 for SNR <= gamma - 1, their
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+
+from imagpose_jax.schedulers.common import add_noise, get_velocity, snr
 
 
 def sample_noise(key: jax.Array, shape: tuple[int, ...], offset: float) -> jax.Array:
@@ -35,3 +39,15 @@ def weighted_mse(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.A
     """Per-sample MSE over (h, w, C) in float32, times weight (B,), averaged over the batch: a scalar."""
     err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
     return jnp.mean(jnp.mean(err, axis=(1, 2, 3)) * weight)
+
+
+def diffusion_loss(denoise: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array, noise: jax.Array,
+                   timesteps: jax.Array, alphas_cumprod, snr_gamma: float) -> tuple[jax.Array, dict]:
+    """The objective on clean latents x0 (B, h, w, C), noise (offset included) and timesteps (B,):
+    x_t = add_noise(x0, noise, t), target v = get_velocity(x0, noise, t), prediction `denoise(x_t, t)`,
+    loss = `weighted_mse` with the min-SNR weight. Returns (loss, {"pred", "target", "weight"})."""
+    ac = jnp.asarray(alphas_cumprod)
+    noisy, target = add_noise(ac, latents, noise, timesteps), get_velocity(ac, latents, noise, timesteps)
+    weight = min_snr_weight(snr(ac, timesteps), snr_gamma)                  # (B,)
+    pred = denoise(noisy, timesteps)
+    return weighted_mse(pred, target, weight), {"pred": pred, "target": target, "weight": weight}
