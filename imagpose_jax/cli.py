@@ -5,6 +5,7 @@
   imagpose demo --out outputs/demo         (main job: synthetic data, VAE + denoiser training, 3 scenarios scored)
   imagpose train --config configs/stage1.py --workdir runs/stage1   (one training stage; see launch/ for pods)
   imagpose make-dataset data/ ...          (the synthetic pose-transfer dataset)
+  imagpose evaluate --generated gen/ --targets test/ --out eval/   (SSIM, LPIPS, FID, PSNR, L1 of a generated test set)
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=generate)
     for name, text in (("demo", "main job: synthetic data -> training -> the 3 scenarios, scored (see imagpose demo --help)"),
                        ("train", "train one stage from a config file (see imagpose train --help)"),
-                       ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)")):
+                       ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)"),
+                       ("evaluate", "score a folder of generated images against their targets (see imagpose evaluate --help)")):
         sub.add_parser(name, help=text, add_help=False)
     return p
 
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["make-dataset"]:
         from imagpose_jax.data.synthetic import main as dataset_main
         return dataset_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from imagpose_jax.metrics.folders import main as evaluate_main
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

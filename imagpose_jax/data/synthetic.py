@@ -16,8 +16,15 @@ pose-transfer annotations, so that either reader in ``index`` can load it)::
     fasion-resize-annotation-{split}.csv   name:keypoints_y:keypoints_x, 18 ints each, -1 missing
     fasion-resize-pairs-{split}.csv        from,to: every ordered pair of one person's images
 
+``make_deepfashion_dataset`` writes the same persons in DeepFashion's own pose-transfer layout instead
+(what the PIDM/PCDMs releases distribute; a stand-in for the real data in tests)::
+
+    {split}/fashion{WOMEN|MEN}{Category}id{8 digits}{2 digits}_{view}{front|side|back|...}.jpg   (256x176)
+    fasion-resize-annotation-{split}.csv   name:keypoints_y:keypoints_x, 18 ints each, -1 missing
+    fasion-resize-pairs-{split}.csv        from,to: every ordered pair of one person's images
+
 Persons, not images, are split between train and test. Everything is a function of the seed:
-the same arguments give byte-identical files.
+the same arguments give byte-identical files, and both layouts hold the same persons and poses.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import colorsys
 import dataclasses
 import json
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -51,6 +58,14 @@ class SplitFiles:
     pairs_csv: str
     image_dir: str
     pose_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepFashionFiles:
+    """Paths of one split's files in DeepFashion's layout."""
+    annotations_csv: str
+    pairs_csv: str
+    image_dir: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +255,29 @@ def _split_persons(num_persons: int, test_fraction: float, seed: int) -> dict[st
     return {"train": sorted(order[num_test:].tolist()), "test": sorted(order[:num_test].tolist())}
 
 
+def _person_views(pid: int, poses_per_person: int, height: int, width: int,
+                  seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Person ``pid``'s images and keypoints: (H, W, 3) uint8 and (18, 2) int (x, y), -1 missing."""
+    rng = np.random.default_rng([seed, 1, pid])
+    person = _sample_person(rng)
+    for _ in range(poses_per_person):
+        yield _sample_view(person, rng, height, width)
+
+
+def _check_counts(num_persons: int, poses_per_person: int) -> None:
+    if num_persons < 2 or poses_per_person < 2:
+        raise ValueError(f"need at least 2 persons and 2 poses per person, got {num_persons}, {poses_per_person}")
+
+
+def _write_csvs(annotations_csv: str, pairs_csv: str, rows: list[str], persons: list[list[str]]) -> None:
+    """The annotation CSV (``rows``: name:keypoints_y:keypoints_x) and the pairs CSV (every ordered pair of
+    distinct images of each person in ``persons``, lists of image names)."""
+    pairs = [f"{a},{b}" for names in persons for a in names for b in names if a != b]
+    for path, lines in ((annotations_csv, ["name:keypoints_y:keypoints_x"] + rows), (pairs_csv, ["from,to"] + pairs)):
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def make_synthetic_dataset(out_dir: str | os.PathLike, num_persons: int = 64, poses_per_person: int = 8,
                            height: int = 128, width: int = 128, seed: int = 0,
                            test_fraction: float = 0.1) -> dict[str, SplitFiles]:
@@ -247,25 +285,21 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, num_persons: int = 64, po
 
     Returns the files of each split, ``{"train": SplitFiles, "test": SplitFiles}``.
     """
-    if num_persons < 2 or poses_per_person < 2:
-        raise ValueError(f"need at least 2 persons and 2 poses per person, got {num_persons}, {poses_per_person}")
+    _check_counts(num_persons, poses_per_person)
     root = os.fspath(out_dir)
     files = {}
     for split, ids in _split_persons(num_persons, test_fraction, seed).items():
         for sub in ("image", "dwpose"):
             os.makedirs(os.path.join(root, split, sub), exist_ok=True)
-        index, annotations, pairs = [], ["name:keypoints_y:keypoints_x"], ["from,to"]
+        index, annotations, persons = [], [], []
         for pid in ids:
-            rng = np.random.default_rng([seed, 1, pid])
-            person = _sample_person(rng)
             names = [f"person{pid:04d}_{k:02d}.png" for k in range(poses_per_person)]
-            for name in names:
-                image, kp = _sample_view(person, rng, height, width)
+            for name, (image, kp) in zip(names, _person_views(pid, poses_per_person, height, width, seed)):
                 Image.fromarray(image).save(os.path.join(root, split, "image", name))
                 Image.fromarray(render_pose(kp, height, width)).save(os.path.join(root, split, "dwpose", name))
                 annotations.append(f"{name}:{_int_list(kp[:, 1])}:{_int_list(kp[:, 0])}")
             index.append([f"{split}/image/{name}" for name in names])
-            pairs += [f"{a},{b}" for a in names for b in names if a != b]
+            persons.append(names)
         files[split] = SplitFiles(
             index_json=os.path.join(root, f"{split}.json"),
             annotations_csv=os.path.join(root, f"fasion-resize-annotation-{split}.csv"),
@@ -273,25 +307,75 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, num_persons: int = 64, po
             image_dir=os.path.join(root, split, "image"), pose_dir=os.path.join(root, split, "dwpose"))
         with open(files[split].index_json, "w") as f:
             json.dump(index, f, indent=1)
-        for path, lines in ((files[split].annotations_csv, annotations), (files[split].pairs_csv, pairs)):
-            with open(path, "w") as f:
-                f.write("\n".join(lines) + "\n")
+        _write_csvs(files[split].annotations_csv, files[split].pairs_csv, annotations, persons)
+    return files
+
+
+# DeepFashion In-shop names: fashion + gender + category + "id" + the 8-digit product id + the 2-digit item,
+# then "_" + the view's number and name (img/MEN/Denim/id_00000080/01_1_front.jpg, flattened).
+DEEPFASHION_CATEGORIES = (("WOMEN", "Blouses_Shirts"), ("MEN", "Denim"), ("WOMEN", "Dresses"), ("MEN", "Tees_Tanks"),
+                          ("WOMEN", "Skirts"), ("MEN", "Shirts_Polos"), ("WOMEN", "Jackets_Coats"))
+DEEPFASHION_VIEWS = ("front", "side", "full", "additional")  # and "back" for the views from behind
+
+
+def deepfashion_name(pid: int, view: int, back: bool) -> str:
+    """``fashionMENDenimid0000000202_3back.jpg``-style name of person ``pid``'s ``view``-th image (from 0)."""
+    gender, category = DEEPFASHION_CATEGORIES[pid % len(DEEPFASHION_CATEGORIES)]
+    kind = "back" if back else DEEPFASHION_VIEWS[view % len(DEEPFASHION_VIEWS)]
+    return f"fashion{gender}{category}id{pid + 1:08d}{1 + pid % 3:02d}_{view + 1}{kind}.jpg"
+
+
+def make_deepfashion_dataset(out_dir: str | os.PathLike, num_persons: int = 64, poses_per_person: int = 8,
+                             height: int = 256, width: int = 176, seed: int = 0,
+                             test_fraction: float = 0.1) -> dict[str, DeepFashionFiles]:
+    """Write the synthetic persons in DeepFashion's pose-transfer layout (module docstring) under ``out_dir``:
+    JPEGs (quality 95) at DeepFashion's 256x176, the annotation and pairs CSVs of both splits in their exact
+    formats (``index.read_deepfashion``, ``read_deepfashion_pairs`` and the TFDS builder read them). The same
+    arguments give the persons, poses and keypoints of ``make_synthetic_dataset``; keypoints outside the image
+    or hidden (the face from behind, some ears) are -1.
+
+    Returns the files of each split, ``{"train": DeepFashionFiles, "test": DeepFashionFiles}``.
+    """
+    _check_counts(num_persons, poses_per_person)
+    root = os.fspath(out_dir)
+    files = {}
+    for split, ids in _split_persons(num_persons, test_fraction, seed).items():
+        files[split] = DeepFashionFiles(annotations_csv=os.path.join(root, f"fasion-resize-annotation-{split}.csv"),
+                                        pairs_csv=os.path.join(root, f"fasion-resize-pairs-{split}.csv"),
+                                        image_dir=os.path.join(root, split))
+        os.makedirs(files[split].image_dir, exist_ok=True)
+        annotations, persons = [], []
+        for pid in ids:
+            names = []
+            for k, (image, kp) in enumerate(_person_views(pid, poses_per_person, height, width, seed)):
+                name = deepfashion_name(pid, k, back=bool((kp[[NOSE, R_EYE, L_EYE]] < 0).all()))
+                Image.fromarray(image).save(os.path.join(files[split].image_dir, name), quality=95)
+                annotations.append(f"{name}:{_int_list(kp[:, 1])}:{_int_list(kp[:, 0])}")
+                names.append(name)
+            persons.append(names)
+        _write_csvs(files[split].annotations_csv, files[split].pairs_csv, annotations, persons)
     return files
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write a synthetic dataset and print where its splits are."""
-    parser = argparse.ArgumentParser(prog="imagpose synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="imagpose make-dataset", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
+    parser.add_argument("--format", choices=("imagpose", "deepfashion"), default="imagpose",
+                        help="imagpose: the IMAGPose JSON index with pose renderings (and the CSVs); deepfashion: "
+                             "DeepFashion's pose-transfer layout (DeepFashion names, 256x176 JPEGs, the CSVs)")
     parser.add_argument("--num-persons", type=int, default=64)
     parser.add_argument("--poses-per-person", type=int, default=8)
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--height", type=int, help="default 128 (imagpose) or 256 (deepfashion)")
+    parser.add_argument("--width", type=int, help="default 128 (imagpose) or 176 (deepfashion)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     args = parser.parse_args(argv)
-    files = make_synthetic_dataset(args.out_dir, args.num_persons, args.poses_per_person, args.height,
-                                   args.width, args.seed, args.test_fraction)
+    deepfashion = args.format == "deepfashion"
+    make = make_deepfashion_dataset if deepfashion else make_synthetic_dataset
+    files = make(args.out_dir, args.num_persons, args.poses_per_person, args.height or (256 if deepfashion else 128),
+                 args.width or (176 if deepfashion else 128), args.seed, args.test_fraction)
     for split, f in files.items():
-        print(f"{split}: {f.index_json} ({f.annotations_csv}, {f.pairs_csv})")
+        print(f"{split}: {f.annotations_csv} ({f.pairs_csv}, images in {f.image_dir})" if deepfashion
+              else f"{split}: {f.index_json} ({f.annotations_csv}, {f.pairs_csv})")
     return 0
