@@ -15,10 +15,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, KILL_AT = 14, 4, 10
 
 
-def run_train(workdir: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "imagpose_jax.train", "--config", os.path.join(ROOT, "configs/stage2.py:tiny"),
-           "--workdir", workdir, "--no-progress", f"--config.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
-           "--config.ema=True", "--config.optim.learning_rate=1e-3", *extra]
+# The killed run: the loop's own `train`, with an `on_step` callback that kills the process with no cleanup (like
+# a lost host) after step KILL_AT's checkpoint save was started.
+KILLED = """
+import os, signal, sys
+from imagpose_jax.train.config import load_config
+from imagpose_jax.train.loop import train
+config, workdir, kill_at, *overrides = sys.argv[1:]
+def kill(step):
+    if step == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)
+train(load_config(config, overrides), workdir, progress=False, on_step=kill)
+"""
+COMMON = (f"steps={STEPS}", f"train.checkpoint_every={EVERY}", "ema=True", "optim.learning_rate=1e-3")
+
+
+def run_train(workdir: str, env: dict, *extra: str, kill_at: int = 0) -> subprocess.CompletedProcess:
+    config = os.path.join(ROOT, "configs/stage2.py:tiny")
+    if kill_at:
+        cmd = [sys.executable, "-c", KILLED, config, workdir, str(kill_at), *COMMON, *extra]
+    else:
+        cmd = [sys.executable, "-m", "imagpose_jax.train", "--config", config, "--workdir", workdir, "--no-progress",
+               *(f"--config.{o}" for o in COMMON + extra)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
@@ -45,13 +63,13 @@ def env():
 
 def test_kill_and_resume_is_bit_exact(tmp_path, env):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    a = run_train(straight, env, f"--config.train.sample_every={STEPS // 2}")  # sampling leaves training alone
+    a = run_train(straight, env, f"train.sample_every={STEPS // 2}")  # sampling leaves training alone
     assert a.returncode == 0, a.stderr[-3000:]
     straight_summary = json.loads(a.stdout[a.stdout.index("{"):])
     for step in (STEPS // 2, STEPS):
         assert os.path.isfile(os.path.join(straight, "samples", f"step_{step}.png"))
     assert straight_summary["sample_traces"] == 1, "the sample grids' sampler was traced again"
-    b = run_train(killed, dict(env, IMAGPOSE_KILL_AT_STEP=str(KILL_AT)))
+    b = run_train(killed, env, kill_at=KILL_AT)
     assert b.returncode == -9, f"expected SIGKILL, got {b.returncode}: {b.stderr[-2000:]}"
     assert not os.path.isdir(os.path.join(killed, "export"))
     c = run_train(killed, env)

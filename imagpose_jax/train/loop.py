@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -79,8 +79,10 @@ def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     return graphdef, load_pretrained(state, shardings, c), shardings
 
 
-def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-    """Trains `c.steps` steps (resuming from the latest checkpoint in `workdir`); returns a summary."""
+def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> dict:
+    """Trains `c.steps` steps (resuming from the latest checkpoint in `workdir`); returns a summary.
+    `on_step(step)` is called after each step's logging, checkpoint and samples (a hook for callers and tests)."""
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -103,7 +105,6 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
     bar = _progress(progress, start, c.steps)
     pending, last_log, losses = [], time.perf_counter(), []
     first_step_s = None
-    kill_at = int(os.environ.get("IMAGPOSE_KILL_AT_STEP", "0"))
     try:
         for step in range(start + 1, c.steps + 1):
             t_step = time.perf_counter()
@@ -130,8 +131,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) 
                 ckpt.save(step, state, iterator)
             if c.train.sample_every and (step % c.train.sample_every == 0 or step == c.steps):
                 samples(state, step)
-            if step == kill_at:  # fault injection for the kill-and-resume test: no cleanup, like a lost host
-                os.kill(os.getpid(), signal.SIGKILL)
+            if on_step is not None:
+                on_step(step)
     finally:
         ckpt.close()
         writer.close()
