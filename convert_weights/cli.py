@@ -3,18 +3,23 @@
   imagpose-convert imagpose --unet denoising_unet-N.pth --pose-guider pose_guider-N.pth --patch patch-N.pth \
       [--config case_or_config.json] --out ckpt/
   imagpose-convert sd15 --unet-dir sd15/unet [--motion-module mm_sd_v15_v2.ckpt] --out ckpt/
+  imagpose-convert sd15 --single-file v1-5-pruned-emaonly.safetensors [--unet-config unet/] [--no-ema] --out ckpt/
   imagpose-convert pipeline --unet ... --pose-guider ... --patch ... --vae sd-vae-ft-mse/ \
       --image-encoder dinov2-base/ [--config config.json] --out weights/
+  imagpose-convert vae --vae vae-ft-mse-840000-ema-pruned.safetensors [--vae-config vae/] --out weights/vae/
   imagpose-convert add-cva --params runs/stage1/export/denoiser --motion-module mm_sd_v15_v2.ckpt --out stage2_init/
   imagpose-convert export --params ckpt/ --out torch_ckpt/ [--step N]
 
 `--config` is a JSON with `unet_config` / `pose_guider_config` / `patch_config` (the original's settings, as in
-a golden case.json); without it the full-size IMAGPose (SD1.5 + CVA) is assumed.
+a golden case.json); without it the full-size IMAGPose (SD1.5 + CVA) is assumed. A `--vae` is a diffusers folder
+or a single file (a whole SD checkpoint, or a standalone VAE file); `--unet-config` / `--vae-config` give a single
+file's diffusers config (config.json or its folder), by default SD1.5's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -42,16 +47,21 @@ def convert_sd15(args) -> None:
     """SD1.5 UNet (+ motion module for CVA) -> IMAGPose params; pose guider and patch embedding freshly initialised
     (the pose guider's last conv is zero, so the model starts as SD)."""
     from convert_weights.core import load_torch_file
-    from convert_weights.imagpose import read_diffusers_unet, unet_from_sd15
+    from convert_weights.imagpose import read_diffusers_unet, read_single_file_unet, unet_from_sd15
     from imagpose_jax.checkpoint import save_params
     from imagpose_jax.models.imagpose import IMAGPoseConfig
     from imagpose_jax.models.unet_config import UNetConfig
 
-    sd_cfg, sd = read_diffusers_unet(args.unet_dir)
+    if args.single_file:
+        sd_cfg, sd, origins = read_single_file_unet(args.single_file, args.unet_config, ema=not args.no_ema)
+    elif args.unet_config or args.no_ema:
+        raise SystemExit("error: --unet-config and --no-ema are for --single-file (a --unet-dir has its own config.json)")
+    else:
+        (sd_cfg, sd), origins = read_diffusers_unet(args.unet_dir), None
     unet_cfg = UNetConfig.from_dict({**sd_cfg, "in_channels": 9}).replace(use_cva=args.motion_module is not None)
     cfg = IMAGPoseConfig(unet=unet_cfg)
     mm = load_torch_file(args.motion_module) if args.motion_module else None
-    unet = unet_from_sd15(unet_cfg, sd, mm, source=args.unet_dir)
+    unet = unet_from_sd15(unet_cfg, sd, mm, source=args.single_file or args.unet_dir, origins=origins)
     save_params(args.out, cfg.to_dict(), nnx.State({"unet": unet, **_init_heads(cfg, args.seed)}))
 
 
@@ -90,14 +100,22 @@ def convert_pipeline(args) -> None:
     """Everything inference needs, into one folder: denoiser/, vae/, image_encoder/ (each config.json +
     params.safetensors). Loading it needs no PyTorch."""
     from convert_weights.dinov2 import load_dinov2
-    from convert_weights.vae import load_vae
     from imagpose_jax.checkpoint import save_params
     convert_imagpose(argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "denoiser")}))
-    for sub, src, load in (("vae", args.vae, load_vae), ("image_encoder", args.image_encoder, load_dinov2)):
-        _, model = load(src)
-        with open(os.path.join(src, "config.json")) as f:
-            config = json.load(f)
-        save_params(os.path.join(args.out, sub), config, nnx.state(model, nnx.Param))
+    convert_vae(argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "vae")}))
+    _, model = load_dinov2(args.image_encoder)
+    with open(os.path.join(args.image_encoder, "config.json")) as f:
+        config = json.load(f)
+    save_params(os.path.join(args.out, "image_encoder"), config, nnx.state(model, nnx.Param))
+
+
+def convert_vae(args) -> None:
+    """A VAE (diffusers folder or single file) -> a parameter folder (`config.init.vae`, an inference folder's vae/)."""
+    from convert_weights.vae import load_vae, vae_config
+    from imagpose_jax.checkpoint import save_params
+    config = vae_config(args.vae, args.vae_config)
+    _, model = load_vae(args.vae, config=None if os.path.isdir(args.vae) else config)
+    save_params(args.out, config, nnx.state(model, nnx.Param))
 
 
 def export(args) -> None:
@@ -123,8 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", help="JSON with unet_config/pose_guider_config/patch_config (default: full-size IMAGPose)")
     a.add_argument("--out", required=True)
     a.set_defaults(fn=convert_imagpose)
-    b = sub.add_parser("sd15", help="SD1.5 diffusers UNet folder (+ motion module) -> parameter folder (training init)")
-    b.add_argument("--unet-dir", required=True, help="diffusers unet/ folder: config.json + diffusion_pytorch_model.*")
+    b = sub.add_parser("sd15", help="SD1.5 UNet (diffusers folder or single file) (+ motion module) -> parameter "
+                       "folder (training init)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--unet-dir", help="diffusers unet/ folder: config.json + diffusion_pytorch_model.*")
+    src.add_argument("--single-file", help="a single-file SD checkpoint in the original LDM layout (.safetensors/.ckpt, "
+                     "e.g. v1-5-pruned-emaonly.safetensors): its model.diffusion_model.* (or model_ema.*) weights")
+    b.add_argument("--unet-config", help="with --single-file: the UNet's diffusers config.json (or its folder); "
+                   "default SD1.5's")
+    b.add_argument("--no-ema", action="store_true", help="with --single-file: the non-EMA weights even when the file "
+                   "has EMA ones (model_ema.*)")
     b.add_argument("--motion-module", help="AnimateDiff-style motion module (.ckpt/.pth/.safetensors): gives a CVA model")
     b.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised pose guider and patch embedding")
     b.add_argument("--out", required=True)
@@ -138,11 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--unet", required=True)
     d.add_argument("--pose-guider", required=True)
     d.add_argument("--patch", required=True)
-    d.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse)")
+    d.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse), or a single file: "
+                   "a whole SD checkpoint (first_stage_model.*) or a standalone VAE (vae-ft-mse-840000-ema-pruned.safetensors)")
+    d.add_argument("--vae-config", help="with a single-file --vae: its diffusers config.json (or folder); default SD1.5's")
     d.add_argument("--image-encoder", required=True, help="transformers Dinov2Model folder (dinov2-base)")
     d.add_argument("--config", help="JSON with unet_config/pose_guider_config/patch_config (default: full-size IMAGPose)")
     d.add_argument("--out", required=True)
     d.set_defaults(fn=convert_pipeline)
+    v = sub.add_parser("vae", help="a VAE (diffusers folder or single file) -> parameter folder (config.init.vae)")
+    v.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder, a whole SD checkpoint "
+                   "(first_stage_model.*) or a standalone VAE file (.safetensors/.ckpt)")
+    v.add_argument("--vae-config", help="with a single file: its diffusers config.json (or folder); default SD1.5's")
+    v.add_argument("--out", required=True)
+    v.set_defaults(fn=convert_vae)
     c = sub.add_parser("export", help="parameter folder -> the original's .pth files")
     c.add_argument("--params", required=True)
     c.add_argument("--out", required=True)
@@ -153,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("convert_weights")  # the converters' info lines (e.g. which weights a file gave)
+    if not log.handlers:
+        log.setLevel(logging.INFO)
+        log.addHandler(logging.StreamHandler())
     t0 = time.perf_counter()
     args.fn(args)
     print(f"{args.cmd}: done in {time.perf_counter() - t0:.1f}s -> {args.out}", file=sys.stderr)

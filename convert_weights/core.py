@@ -136,13 +136,17 @@ def _leaf_shape(v) -> tuple:
 
 
 def torch_to_nnx(abstract: nnx.State, sd: Mapping[str, np.ndarray], *, renames=(), skip: Iterable[Skip] = (),
-                 prefix: str = "", dtype=np.float32, source: str = "checkpoint") -> nnx.State:
+                 prefix: str = "", dtype=np.float32, source: str = "checkpoint",
+                 origins: Mapping[str, str] | None = None) -> nnx.State:
     """Fills the abstract state `abstract` from the PyTorch state dict `sd`, strictly.
 
-    `prefix` is prepended to every PyTorch key (for state dicts that hold a submodule).
+    `prefix` is prepended to every PyTorch key (for state dicts that hold a submodule). `origins`: for a state
+    dict renamed from a file's own layout, the file's key of each key of `sd`, named next to it in errors.
     Raises ConversionError naming every missing key, unexpected key and shape mismatch.
     """
     skip = tuple(skip)
+    origins = origins or {}
+    name = lambda k: f"{k} (file: {origins[k]})" if k in origins else k  # noqa: E731
     flat = nnx.to_flat_state(abstract)
     used, missing, wrong, values = set(), [], [], []
     for path, var in flat:
@@ -156,7 +160,7 @@ def torch_to_nnx(abstract: nnx.State, sd: Mapping[str, np.ndarray], *, renames=(
         a = from_torch_layout(str(path[-1]), np.asarray(sd[key]))
         if tuple(a.shape) != want:
             theirs = tuple(np.asarray(sd[key]).shape)
-            wrong.append(f"{key}: checkpoint has {theirs}, model expects {tuple(to_torch_layout(str(path[-1]), np.empty(want)).shape)}")
+            wrong.append(f"{name(key)}: checkpoint has {theirs}, model expects {tuple(to_torch_layout(str(path[-1]), np.empty(want)).shape)}")
             values.append(None)
             continue
         values.append(a.astype(dtype, copy=False))
@@ -166,7 +170,7 @@ def torch_to_nnx(abstract: nnx.State, sd: Mapping[str, np.ndarray], *, renames=(
             continue
         rule = next((s for s in skip if s.matches(k)), None)
         if rule is None:
-            unexpected.append(f"{k} {tuple(np.asarray(sd[k]).shape)}")
+            unexpected.append(f"{name(k)} {tuple(np.asarray(sd[k]).shape)}")
         elif rule.check is not None:
             rule.check(k, np.asarray(sd[k]))
     problems = []

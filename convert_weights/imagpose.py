@@ -3,7 +3,8 @@
 Formats read (spec section 9):
 - IMAGPose checkpoints: `denoising_unet-N.pth` / `motion_module-N.pth` (whole-UNet state dicts, CVA included),
   `pose_guider-N.pth`, `patch-N.pth`;
-- SD1.5's UNet in diffusers layout (`unet/config.json` + `diffusion_pytorch_model.safetensors` or `.bin`);
+- SD1.5's UNet in diffusers layout (`unet/config.json` + `diffusion_pytorch_model.safetensors` or `.bin`), or in
+  a single-file SD checkpoint (LDM layout, `convert_weights/single_file.py`);
 - AnimateDiff-style motion-module files (`.ckpt`/`.pth`/`.safetensors`, `state_dict` wrapper or `module.` prefix).
 
 Deliberate skips (everything else must match exactly):
@@ -125,6 +126,16 @@ def read_diffusers_unet(folder: str | os.PathLike) -> tuple[dict, dict[str, np.n
     raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {folder}")
 
 
+def read_single_file_unet(path: str | os.PathLike, config=None, ema: bool = True) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
+    """A single-file SD checkpoint (LDM layout: `v1-5-pruned-emaonly.safetensors`, `v1-5-pruned.ckpt`) -> (config
+    dict, diffusers-layout state dict, {diffusers key: file key}). `config`: the UNet's diffusers config (a dict,
+    a config.json or its folder), by default SD1.5's; `ema`: the EMA weights when the file has them."""
+    from convert_weights.single_file import SD15_UNET_CONFIG, ldm_unet, read_config
+    config = read_config(config, SD15_UNET_CONFIG)
+    sd, origins = ldm_unet(load_torch_file(path), config, ema=ema, source=os.fspath(path))
+    return config, sd, origins
+
+
 def expand_conv_in(sd: dict[str, np.ndarray], in_channels: int = 9) -> dict[str, np.ndarray]:
     """SD's 4-channel `conv_in` -> `in_channels`: SD's 4 latent channels copied, the new ones zero (spec section 8)."""
     w = sd["conv_in.weight"]
@@ -138,8 +149,9 @@ def expand_conv_in(sd: dict[str, np.ndarray], in_channels: int = 9) -> dict[str,
 
 
 def unet_from_sd15(cfg: UNetConfig, sd15: Mapping[str, np.ndarray], motion_module: Mapping[str, np.ndarray] | None = None,
-                   source: str = "SD1.5 UNet") -> nnx.State:
-    """UNet params from SD1.5 weights (+ a motion-module state dict for the CVA modules when `cfg.use_cva`)."""
+                   source: str = "SD1.5 UNet", origins: Mapping[str, str] | None = None) -> nnx.State:
+    """UNet params from SD1.5 weights (+ a motion-module state dict for the CVA modules when `cfg.use_cva`).
+    `origins`: the file's key of each key of `sd15` when it was renamed (`read_single_file_unet`), for errors."""
     sd = expand_conv_in(dict(sd15), cfg.in_channels)
     if cfg.use_cva:
         if motion_module is None:
@@ -153,7 +165,8 @@ def unet_from_sd15(cfg: UNetConfig, sd15: Mapping[str, np.ndarray], motion_modul
         sd.update(motion_module)
     elif motion_module is not None:
         raise ConversionError("a motion-module checkpoint was given for a model without CVA (use_cva=False)")
-    return torch_to_nnx(_params(abstract(lambda k: UNet(cfg, rngs=k))), sd, renames=UNET_RENAMES, skip=(PE_SKIP,), source=source)
+    return torch_to_nnx(_params(abstract(lambda k: UNet(cfg, rngs=k))), sd, renames=UNET_RENAMES, skip=(PE_SKIP,), source=source,
+                        origins=origins)
 
 
 def _read(src, name: str) -> tuple[dict, str]:

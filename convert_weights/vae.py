@@ -1,7 +1,7 @@
-"""SD's VAE: a diffusers `AutoencoderKL` folder (config.json + safetensors or .bin) <-> our params, strictly."""
+"""SD's VAE: a diffusers `AutoencoderKL` folder (config.json + safetensors or .bin), or a single file in the
+original LDM layout (`convert_weights/single_file.py`), <-> our params, strictly."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -36,16 +36,36 @@ def weights_file(folder: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors or .bin in {folder}")
 
 
-def load_vae(folder: str | os.PathLike, dtype=None) -> tuple[VAEConfig, AutoencoderKL]:
-    folder = os.fspath(folder)
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: expected a diffusers AutoencoderKL folder")
-    with open(path) as f:
-        cfg = VAEConfig.from_dict(json.load(f))
-    file = weights_file(folder)
+def vae_config(src: str | os.PathLike, config=None) -> dict:
+    """The diffusers config of the VAE at `src`: a folder's own config.json; for a single file `config` (a dict, a
+    config.json or the folder holding it), by default SD1.5's."""
+    from convert_weights.single_file import SD15_VAE_CONFIG, read_config
+    if os.path.isdir(src):
+        if config is not None:
+            raise ValueError(f"{src} is a diffusers folder with its own config.json: a VAE config is only for single files")
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            raise FileNotFoundError(f"{src}/config.json not found: expected a diffusers AutoencoderKL folder")
+        return read_config(src, {})
+    return read_config(config, SD15_VAE_CONFIG)
+
+
+def load_vae(src: str | os.PathLike, dtype=None, config=None) -> tuple[VAEConfig, AutoencoderKL]:
+    """A diffusers AutoencoderKL folder, or a single file (a whole SD checkpoint's `first_stage_model.*`, or a
+    standalone VAE file such as vae-ft-mse-840000-ema-pruned.safetensors) with `config` (see `vae_config`) -> our VAE."""
+    src = os.fspath(src)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src} not found: expected a diffusers AutoencoderKL folder or a single VAE/SD file")
+    config = vae_config(src, config)
+    cfg = VAEConfig.from_dict(config)
     model = abstract(lambda k: AutoencoderKL(cfg, rngs=k, dtype=dtype))
-    nnx.update(model, torch_to_nnx(nnx.state(model, nnx.Param), _modernise(load_torch_file(file)), renames=RENAMES, source=file))
+    if os.path.isdir(src):
+        file = weights_file(src)
+        sd, origins = _modernise(load_torch_file(file)), None
+    else:
+        from convert_weights.single_file import ldm_vae
+        file = src
+        sd, origins = ldm_vae(load_torch_file(file), config, source=file)
+    nnx.update(model, torch_to_nnx(nnx.state(model, nnx.Param), sd, renames=RENAMES, source=file, origins=origins))
     return cfg, model
 
 

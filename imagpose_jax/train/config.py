@@ -67,7 +67,8 @@ def base_config(stage: int, variant: str = "full") -> ml_collections.ConfigDict:
     # Pretrained weights (converted parameter folders, `imagpose-convert`); empty: random initialisation.
     # model: stage 1 `imagpose-convert sd15 --unet-dir ...`; stage 2 `imagpose-convert add-cva --params
     # <stage-1 export>/denoiser --motion-module ...`; stage 3 the stage-2 export. vae / image_encoder:
-    # the `vae/` and `image_encoder/` folders of `imagpose-convert pipeline` (or `vae`/`dinov2` conversions).
+    # the `vae/` and `image_encoder/` folders of `imagpose-convert pipeline` (or `vae`/`dinov2` conversions);
+    # vae may also be a single file (a whole SD checkpoint or a standalone VAE file, e.g. vae-ft-mse-840000-ema-pruned).
     c.init = dict(model="", vae="", image_encoder="")
     # The loop (`train/loop.py`): metrics every log_every steps (metrics.jsonl + TensorBoard), orbax
     # checkpoints every checkpoint_every steps (newest `keep` kept), sample grids every sample_every (0: never).

@@ -1,10 +1,13 @@
 """Pretrained weights into the sharded train state: converted parameter folders (`imagpose-convert`), read
-strictly (every key and shape checked) and slice by slice onto the devices that hold them."""
+strictly (every key and shape checked) and slice by slice onto the devices that hold them; `init.vae` may also
+be a single VAE or SD file (converted on the host with the run's VAE settings, then placed)."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 
+import jax
 import ml_collections
 from flax import nnx
 
@@ -37,11 +40,24 @@ def load_pretrained(state: nnx.State, shardings: nnx.State, c: ml_collections.Co
             continue
         if key == "model":
             _check_model_config(folder, c)
-        params = load_params(folder, _params(state[attr]), shardings=_params(shardings[attr]))
+        if key == "vae" and os.path.isfile(folder):
+            params = _vae_from_file(folder, c, _params(state[attr]), _params(shardings[attr]))
+        else:
+            params = load_params(folder, _params(state[attr]), shardings=_params(shardings[attr]))
         _merge(state[attr], params)
         if key == "model" and "ema" in state and state["ema"] is not None:
             _merge(state["ema"], _subset(params, state["ema"]))
     return state
+
+
+def _vae_from_file(path: str, c: ml_collections.ConfigDict, like: nnx.State, shardings: nnx.State) -> nnx.State:
+    """A single-file VAE (a whole SD checkpoint or e.g. vae-ft-mse-840000-ema-pruned.safetensors), converted strictly
+    with `c.vae` as its diffusers config (diffusers' mapping: the `torch` extra), in the dtypes of `like`, onto `shardings`."""
+    from convert_weights.vae import load_vae
+    _, vae = load_vae(path, config=c.vae.to_dict())
+    like, sh = dict(nnx.to_flat_state(like)), dict(nnx.to_flat_state(shardings))
+    return nnx.from_flat_state([(p, jax.device_put(v.get_value().astype(like[p].get_value().dtype), sh[p].get_value()))
+                                for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))])
 
 
 def _params(sub: nnx.State) -> nnx.State:
