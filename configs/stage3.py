@@ -1,15 +1,77 @@
-"""IMAGPose training stage 3 (spec section 6): everything but the VAE and DINOv2 [50k steps, lr 1e-6; DINOv2 /
-patch / both tokens dropped with p 0.05 each].
+"""IMAGPose training stage 3 (spec section 6): everything but the VAE and DINOv2.
 
-  get_config()        the original's settings (SD1.5-size models, 512x512 views, bf16 compute, remat)
-  get_config("tiny")  random-weight tiny models on 64x64 views, for CPU tests
+The original's settings [50k steps, lr 1e-6; DINOv2 / patch / both tokens dropped with p 0.05 each]; `:tiny` is
+the same run with random-weight tiny models on 64x64 synthetic views, for the CPU.
 
-Run (the tiny CPU variant: configs/stageN.py:tiny; overrides as --config.KEY=VALUE):
   imagpose train --config configs/stage3.py --workdir runs/stage3 --config.data.index=train.json \
-      --config.init.model=init/ --config.init.vae=weights/vae --config.init.image_encoder=weights/image_encoder
+      --config.init.model=runs/stage2/export/denoiser --config.init.vae=weights/vae \
+      --config.init.image_encoder=weights/image_encoder
+  imagpose train --config configs/stage3.py:tiny --workdir runs/tiny3
+Any field is overridden as --config.KEY=VALUE (ml-collections' `config_flags`).
 """
-from imagpose_jax.train.config import base_config
+
+import ml_collections
+
+from imagpose_jax import testing
+from imagpose_jax.schedulers.common import NOISE_SCHEDULE
 
 
-def get_config(variant: str = "full"):
-    return base_config(3, variant)
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"configs/stage3.py: unknown variant {arg!r} (none, or 'tiny')")
+    c = ml_collections.ConfigDict()
+    c.stage = 3
+    c.seed = 0
+    c.steps = 50_000
+
+    # Models. The denoiser: SD1.5's UNet (`UNetConfig`'s defaults: 320/640/1280/1280, 8 heads, context 768)
+    # with CVA; the pose guider (one stride-2 stage per entry after the first: it downscales by 8, as the VAE); the
+    # patch embedding (kernel = stride = 16: a 512x512 view's 64x64 reference latents give 16 tokens).
+    c.unet = dict(use_cva=True)
+    c.pose_guider_channels = (16, 32, 96, 256)
+    c.patch_size = 16
+    # Frozen encoders, as their diffusers / transformers config.json: sd-vae-ft-mse and dinov2-base.
+    c.vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    c.dino = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
+                  image_size=518)
+    # Pretrained weights: converted parameter folders (`imagpose-convert`); empty: random initialisation. vae may
+    # also be a single file (a whole SD checkpoint, or e.g. vae-ft-mse-840000-ema-pruned.safetensors).
+    c.init = dict(model="", vae="", image_encoder="")
+
+    # Data (`train/inputs.py`). format: "imagpose_json" (`index`: the original's JSON list of per-person image
+    # lists), "deepfashion" (`annotations`: fasion-resize-annotation-*.csv, `image_dir`) or "synthetic" (written
+    # under the workdir when `path` is empty). batch_size is global (all hosts); views are height x width.
+    c.data = dict(format="imagpose_json", path="", index="", annotations="", image_dir="", height=512, width=512,
+                  batch_size=32, read_threads=8, worker_count=0, prefetch=8, skip_corrupt=False,
+                  synthetic=dict(num_persons=12, poses_per_person=6, seed=0, test_fraction=0.25))
+
+    # Objective (spec section 6): the noise schedule, offset noise, min-SNR-5, classifier-free-guidance dropout
+    # (per sample: DINOv2 tokens only p_image, patch tokens only p_ref, both p_both), bf16 compute on fp32
+    # master weights, remat.
+    c.noise = dict(NOISE_SCHEDULE)
+    p_image, p_ref, p_both = 0.05, 0.05, 0.05
+    c.step = dict(noise_offset=0.05, snr_gamma=5.0, p_image=p_image, p_ref=p_ref, p_both=p_both,
+                  compute_dtype="bfloat16", remat=True, remat_policy=None, ema_decay=0.9999)
+    c.ema = False
+    # AdamW with global-norm clipping; schedule "constant" (the original's) or "cosine" (to 0.1 x lr at `steps`).
+    c.optim = dict(learning_rate=1e-6, b1=0.9, b2=0.999, weight_decay=0.01, eps=1e-8, clip_norm=1.0,
+                   schedule="constant", warmup_steps=0)
+    # Devices: data x fsdp x tensor (-1: all remaining devices).
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # The loop: metrics every log_every steps (metrics.jsonl + TensorBoard), orbax checkpoints every
+    # checkpoint_every (newest `keep` kept), sample grids every sample_every steps (0: never).
+    c.train = dict(log_every=50, checkpoint_every=2000, keep=3, async_checkpoint=True, sample_every=5000,
+                   sample_steps=30, sample_guidance=2.0)
+
+    if arg == "tiny":  # the tiny models of `imagpose_jax.testing` on 64x64 synthetic views, fp32, for the CPU
+        c.steps = 100
+        c.unet = dict(testing.TINY_UNET, use_cva=True)
+        c.patch_size = testing.TINY_PATCH_SIZE
+        c.vae = dict(testing.TINY_VAE)
+        c.dino = dict(testing.TINY_DINO)
+        c.data.update(format="synthetic", height=testing.TINY_VIEW, width=testing.TINY_VIEW, batch_size=2,
+                      read_threads=0)
+        c.step.update(compute_dtype="float32", remat=False)
+        c.train.update(log_every=1, checkpoint_every=50, sample_every=0, sample_steps=10)
+    return c

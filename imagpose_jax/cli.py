@@ -23,11 +23,8 @@ def _view_size(text: str) -> tuple[int, int]:
 
 
 def generate(args) -> int:
-    import numpy as np
-    from PIL import Image
-
-    from imagpose_jax.preprocess import load_image, vae_preprocess
-    from imagpose_jax.sampling.pipeline import IMAGPosePipeline, make_sheet, pose_view
+    from imagpose_jax.images import save_image
+    from imagpose_jax.sampling.pipeline import IMAGPosePipeline
     from imagpose_jax.sampling.sampler import SamplerConfig
 
     if not args.source:
@@ -41,15 +38,12 @@ def generate(args) -> int:
     make = SamplerConfig.original_inference if args.original_inference else SamplerConfig
     cfg = make(num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler)
     pipe = IMAGPosePipeline.from_pretrained(args.weights, cfg)
-    h, w = args.view_size
-    result = pipe(args.source, args.source_pose, args.target_pose, view_size=(h, w), seed=args.seed,
+    result = pipe(args.source, args.source_pose, args.target_pose, view_size=args.view_size, seed=args.seed,
                   batch_size=args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     for j, image in enumerate(result.targets):
-        Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(os.path.join(args.out, f"target_{j:03d}.png"))
-    sources = [(vae_preprocess(load_image(s), (h, w)) + 1) / 2 for s in args.source]
-    sheet = make_sheet(sources, [pose_view(p, h, w) for p in args.target_pose], result.targets)
-    Image.fromarray(sheet).save(os.path.join(args.out, "sheet.png"))
+        save_image(os.path.join(args.out, f"target_{j:03d}.png"), image)
+    save_image(os.path.join(args.out, "sheet.png"), result.sheet())
     print(f"{len(result.targets)} target(s) from {len(result.grids)} grid(s) -> {args.out}/target_*.png, sheet.png")
     return 0
 

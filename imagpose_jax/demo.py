@@ -16,85 +16,32 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# The demo's VAE: a narrow three-block AutoencoderKL (downscale 4, so a 64x64 view is 16x16 latents, enough for
-# the synthetic figures' limbs; SD's factor 8 would leave 8x8), and a pose guider with as many stages.
-DEMO_VAE_CHANNELS = (16, 32, 32)
-DEMO_VAE_GROUPS = 2
-DEMO_POSE_GUIDER = (16, 32, 64)
-SCENARIO_SOURCES = {1: [0], 2: [0], 3: [0, 1, 2]}      # slots holding source views (the grid of make_eval_example)
-SCENARIO_TARGETS = {1: [3], 2: [1, 2, 3], 3: [3]}      # slots to generate
+from imagpose_jax.data.grid import SCENARIOS
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 METRICS = ("ssim", "psnr", "l1")
-
-
-@dataclass
-class DemoConfig:
-    num_persons: int = 64            # synthetic persons (test_fraction of them held out)
-    poses_per_person: int = 8
-    test_fraction: float = 0.15
-    view: int = 64                   # view size (the grid is 2x)
-    vae_steps: int = 1000
-    vae_time_s: float = 0.0         # > 0: also stop the VAE pre-training after this many seconds (not reproducible)
-    vae_batch: int = 16
-    vae_crop: int = 32               # the VAE trains on random crops this size (0: whole views)
-    vae_lr: float = 2e-3
-    stage: int = 3
-    train_steps: int = 1000
-    train_batch: int = 4
-    train_lr: float = 1e-3
-    train_warmup: int = 50
-    train_schedule: str = "cosine"   # "constant" or "cosine" (to 0.1 x train_lr at train_steps)
-    eval_persons: int = 8            # held-out persons scored per scenario
-    sample_steps: int = 20
-    guidance: float = 1.0
-    seed: int = 0
 
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def vae_config() -> dict:
-    """The demo VAE's diffusers-style config (scaling_factor is fitted by the pre-training)."""
-    from imagpose_jax.train.config import TINY_VAE
-    n = len(DEMO_VAE_CHANNELS)
-    return dict(TINY_VAE, block_out_channels=DEMO_VAE_CHANNELS, norm_num_groups=DEMO_VAE_GROUPS,
-                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+def source_slots(scenario: int) -> list[int]:
+    """The slots showing each source once (a repeated source at its first slot)."""
+    return [slot for slot, _ in SCENARIOS[scenario].sources()]
 
 
-def train_config(dc: DemoConfig, data_dir: str, vae_folder: str, vae_config: dict):
-    from imagpose_jax.train.config import base_config
-    c = base_config(dc.stage, "tiny")
-    c.vae = dict(vae_config)
-    c.pose_guider_channels = DEMO_POSE_GUIDER
-    c.seed = dc.seed
-    c.steps = dc.train_steps
-    c.data.path = data_dir
-    c.data.height = c.data.width = dc.view
-    c.data.batch_size = dc.train_batch
-    c.data.synthetic.num_persons = dc.num_persons
-    c.data.synthetic.poses_per_person = dc.poses_per_person
-    c.data.synthetic.seed = dc.seed
-    c.data.synthetic.test_fraction = dc.test_fraction
-    c.init.vae = vae_folder
-    c.optim.learning_rate = dc.train_lr
-    c.optim.warmup_steps = dc.train_warmup
-    c.optim.schedule = dc.train_schedule
-    c.train.log_every = 50
-    c.train.checkpoint_every = max(dc.train_steps, 1)
-    c.train.async_checkpoint = False
-    c.mesh.data = 1
-    return c
+def target_slots(scenario: int) -> list[int]:
+    return [slot for slot, _ in SCENARIOS[scenario].targets()]
 
 
-def eval_batch(persons, scenario: int, view: int) -> tuple[dict, list[dict]]:
+def eval_batch(persons, scenario: int, view: int):
     """Sampler inputs (one grid per person) and the examples (their `grid` is the ground truth) for a scenario."""
     from imagpose_jax.data.batch import stack
     from imagpose_jax.data.pipeline import make_eval_example
@@ -105,12 +52,12 @@ def eval_batch(persons, scenario: int, view: int) -> tuple[dict, list[dict]]:
 def target_views(grids: np.ndarray, scenario: int) -> np.ndarray:
     """(B, 2H, 2W, 3) in [0, 1] -> the scenario's target slots, (B * targets, H, W, 3), person-major."""
     from imagpose_jax.data.grid import untile
-    return np.stack([untile(g)[s] for g in grids for s in SCENARIO_TARGETS[scenario]])
+    return np.stack([untile(g)[s] for g in grids for s in target_slots(scenario)])
 
 
 def copy_source(examples: list[dict], scenario: int) -> np.ndarray:
     """The copy-source baseline: the reference source view (slot 0) as every target's prediction, in [0, 1]."""
-    return np.stack([e["ref_pixels"] / 2 + 0.5 for e in examples for _ in SCENARIO_TARGETS[scenario]])
+    return np.stack([e["ref_pixels"] / 2 + 0.5 for e in examples for _ in target_slots(scenario)])
 
 
 def score(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -121,14 +68,14 @@ def score(pred: np.ndarray, truth: np.ndarray) -> dict:
 def sheet(examples: list[dict], scenario: int, generated: np.ndarray) -> np.ndarray:
     """One row per target: sources | target pose | generated | ground truth, uint8."""
     from imagpose_jax.data.grid import untile
+    from imagpose_jax.images import contact_sheet
     rows, k = [], 0
     for e in examples:
         views, poses = untile((e["grid"] + 1) / 2), untile(e["pose_grid"])
-        for s in SCENARIO_TARGETS[scenario]:
-            rows.append(np.concatenate([views[i] for i in SCENARIO_SOURCES[scenario]]
-                                       + [poses[s], generated[k], views[s]], axis=1))
+        for s in target_slots(scenario):
+            rows.append([views[i] for i in source_slots(scenario)] + [poses[s], generated[k], views[s]])
             k += 1
-    return (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return contact_sheet(rows)
 
 
 def _summary(per: dict) -> dict:
@@ -137,63 +84,65 @@ def _summary(per: dict) -> dict:
     return {"n": n, **{m: sum(v[m] * v["n"] for v in per.values()) / n for m in METRICS}}
 
 
-def evaluate(export: str, c, test_persons, dc: DemoConfig, out: str, log=None) -> dict:
-    """Samples the three scenarios for `test_persons` with the exported weights and with the denoiser at its
-    random initialisation; scores both and the copy-source baseline; writes the sheets and generated views."""
-    import jax
-    from flax import nnx
-    from PIL import Image
-
+def evaluate(export: str, c, test_persons, out: str, log=None) -> dict:
+    """Generates the three scenarios for `test_persons` through `IMAGPosePipeline` with the exported weights and
+    with the denoiser at its random initialisation (seed `c.seed`); scores both and the copy-source baseline;
+    writes the sheets and generated views."""
+    from imagpose_jax.images import save_image
     from imagpose_jax.models.imagpose import IMAGPose
     from imagpose_jax.models.init import ParamKeys
-    from imagpose_jax.sampling.pipeline import load_pipeline_models
-    from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
+    from imagpose_jax.sampling.pipeline import IMAGPosePipeline, load_pipeline_models
+    from imagpose_jax.sampling.sampler import SamplerConfig
     from imagpose_jax.train import config as tc
 
+    d, view = c.demo, c.data.height
     trained, vae, dino = load_pipeline_models(export)
     untrained = IMAGPose(tc.model_config(c), rngs=ParamKeys(c.seed))
-    sampler = Sampler(nnx.clone(trained), vae, dino, SamplerConfig(  # compiled once; each model's weights swapped in
-        num_inference_steps=dc.sample_steps, guidance_scale=dc.guidance,
+    pipe = IMAGPosePipeline(trained, vae, dino, SamplerConfig(  # compiled once; each model's weights swapped in
+        num_inference_steps=d.sample_steps, guidance_scale=d.guidance,
         scheduler_config={**SamplerConfig().scheduler_config, **c.noise.to_dict()}))
     results = {"trained": {}, "untrained": {}, "copy_source": {}}
-    for n in (1, 2, 3):
-        batch, examples = eval_batch(test_persons, n, dc.view)
+    for n in SCENARIOS:
+        batch, examples = eval_batch(test_persons, n, view)
         truth = target_views((batch.grid + 1) / 2, n)
-        shape = (len(examples), *sampler.latent_shape(2 * dc.view, 2 * dc.view))
-        noise = np.asarray(jax.random.normal(jax.random.key(dc.seed + n), shape))
-        sampler.set_weights(trained, vae, dino)
-        generated = target_views(sampler(batch, noise=noise), n)
-        sampler.set_weights(untrained, vae, dino)
-        baseline = target_views(sampler(batch, noise=noise), n)
+        pipe.set_weights(trained, vae, dino)
+        generated = target_views(pipe.generate_grids(batch, seed=c.seed + n, batch_size=len(examples), progress=False), n)
+        pipe.set_weights(untrained, vae, dino)
+        baseline = target_views(pipe.generate_grids(batch, seed=c.seed + n, batch_size=len(examples), progress=False), n)
         results["trained"][n] = score(generated, truth)
         results["untrained"][n] = score(baseline, truth)
         results["copy_source"][n] = score(copy_source(examples, n), truth)
         folder = os.path.join(out, f"scenario_{n}")
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(sheet(examples, n, generated)).save(os.path.join(folder, "sheet.png"))
+        save_image(os.path.join(folder, "sheet.png"), sheet(examples, n, generated))
         for j, image in enumerate(generated):
-            Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(
-                os.path.join(folder, f"generated_{j:03d}.png"))
+            save_image(os.path.join(folder, f"generated_{j:03d}.png"), image)
         if log is not None:
             log(f"scenario {n}: " + ", ".join(f"{k} ssim {v[n]['ssim']:.4f} l1 {v[n]['l1']:.4f}" for k, v in results.items()))
     return results
 
 
-def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
+def run(out: str, c=None, progress: bool = True) -> dict:
+    """The demo with config `c` (default: configs/demo.py) into the folder `out`; returns metrics.json's content."""
     from imagpose_jax.data.index import read_imagpose_json
     from imagpose_jax.data.synthetic import make_synthetic_dataset
+    from imagpose_jax.train.config import load_config
     from imagpose_jax.train.loop import train
     from imagpose_jax.train.vae import load_views, reconstruct, save_vae, train_vae
 
+    c = load_config(DEFAULT_CONFIG) if c is None else c
+    d, syn, view = c.demo, c.data.synthetic, c.data.height
+    if c.data.width != view:
+        raise ValueError(f"the demo's views are square: data.height {view} != data.width {c.data.width}")
     os.makedirs(out, exist_ok=True)
     timings, t_all = {}, time.perf_counter()
 
     t0 = time.perf_counter()
     data_dir = os.path.join(out, "data")
-    files = make_synthetic_dataset(data_dir, num_persons=dc.num_persons, poses_per_person=dc.poses_per_person,
-                                   height=dc.view, width=dc.view, seed=dc.seed, test_fraction=dc.test_fraction)
+    files = make_synthetic_dataset(data_dir, num_persons=syn.num_persons, poses_per_person=syn.poses_per_person,
+                                   height=view, width=view, seed=syn.seed, test_fraction=syn.test_fraction)
     train_persons = read_imagpose_json(files["train"].index_json)
-    test_persons = [p for p in read_imagpose_json(files["test"].index_json) if len(p.views) >= 4][:dc.eval_persons]
+    test_persons = [p for p in read_imagpose_json(files["test"].index_json) if len(p.views) >= 4][:d.eval_persons]
     if not test_persons:
         raise ValueError("no held-out person with 4 views: raise num_persons / test_fraction / poses_per_person")
     timings["dataset_s"] = time.perf_counter() - t0
@@ -201,13 +150,13 @@ def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
          f"({timings['dataset_s']:.0f} s)")
 
     t0 = time.perf_counter()
-    train_images = load_views([v.image for p in train_persons for v in p.views], dc.view, dc.view)
-    vae, vae_cfg, vae_summary = train_vae(train_images, vae_config(), steps=dc.vae_steps, batch_size=dc.vae_batch,
-                                          learning_rate=dc.vae_lr, crop=dc.vae_crop, seed=dc.seed,
-                                          time_limit_s=dc.vae_time_s or None, log=_log if progress else None)
+    train_images = load_views([v.image for p in train_persons for v in p.views], view, view)
+    vae, vae_cfg, vae_summary = train_vae(train_images, c.vae.to_dict(), steps=d.vae_steps, batch_size=d.vae_batch,
+                                          learning_rate=d.vae_lr, crop=d.vae_crop, seed=c.seed,
+                                          time_limit_s=d.vae_time_s or None, log=_log if progress else None)
     vae_folder = os.path.join(out, "vae")
     save_vae(vae_folder, vae, vae_cfg)
-    held = load_views([v.image for p in test_persons for v in p.views], dc.view, dc.view)
+    held = load_views([v.image for p in test_persons for v in p.views], view, view)
     vae_summary["held_out_reconstruction"] = score(reconstruct(vae, held), held / 2 + 0.5)
     timings["vae_s"] = time.perf_counter() - t0
     _log(f"VAE: {vae_summary['steps']} steps, held-out reconstruction {vae_summary['held_out_reconstruction']} "
@@ -215,25 +164,27 @@ def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     del vae
 
     t0 = time.perf_counter()
-    c = train_config(dc, data_dir, vae_folder, vae_cfg)
-    workdir = os.path.join(out, "train")
-    train_summary = train(c, workdir, progress=progress)
+    c = c.copy_and_resolve_references()
+    with c.unlocked():
+        c.vae = dict(vae_cfg)             # with the scaling factor the pre-training fitted
+    c.data.path, c.init.vae = data_dir, vae_folder
+    train_summary = train(c, os.path.join(out, "train"), progress=progress)
     timings["train_s"] = time.perf_counter() - t0
-    _log(f"denoiser: {dc.train_steps} steps, final loss {train_summary['final_loss']} ({timings['train_s']:.0f} s)")
+    _log(f"denoiser: {c.steps} steps, final loss {train_summary['final_loss']} ({timings['train_s']:.0f} s)")
 
     t0 = time.perf_counter()
-    results = evaluate(train_summary["export"], c, test_persons, dc, out, log=_log if progress else None)
+    results = evaluate(train_summary["export"], c, test_persons, out, log=_log if progress else None)
     timings["sample_and_score_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
 
-    metrics = {"scenarios": {str(n): {k: results[k][n] for k in results} for n in (1, 2, 3)},
+    metrics = {"scenarios": {str(n): {k: results[k][n] for k in results} for n in SCENARIOS},
                "overall": {k: _summary(v) for k, v in results.items()}}
     metrics["margins"] = {
         scope: {"ssim_trained_minus_copy_source": m["trained"]["ssim"] - m["copy_source"]["ssim"],
                 "l1_copy_source_minus_trained": m["copy_source"]["l1"] - m["trained"]["l1"],
                 "psnr_trained_minus_copy_source": m["trained"]["psnr"] - m["copy_source"]["psnr"]}
         for scope, m in [("overall", metrics["overall"])] + [(f"scenario_{n}", metrics["scenarios"][str(n)])
-                                                             for n in (1, 2, 3)]}
+                                                             for n in SCENARIOS]}
     metrics.update({
         "baselines": {"copy_source": "the reference source view (grid slot 0) placed as the prediction of every target",
                       "untrained": "the same sampler and trained VAE, denoiser at its random initialisation (seed "
@@ -242,7 +193,7 @@ def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
         "metric_protocol": "SSIM: 51-pixel uniform window, data range 1; PSNR in dB; L1: mean absolute error in [0, 1]",
         "vae": vae_summary,
         "denoiser": {k: train_summary[k] for k in ("steps", "init_s", "first_step_s", "final_loss")},
-        "config": asdict(dc),
+        "config": json.loads(c.to_json_best_effort()),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "cpu_count": os.cpu_count(),
         "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -253,15 +204,23 @@ def run(out: str, dc: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="imagpose demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--seed", type=int, default=0)
-    for field, default in asdict(DemoConfig()).items():
-        if field != "seed":
-            p.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
-    a = p.parse_args(argv)
-    dc = DemoConfig(**{k: getattr(a, k) for k in asdict(DemoConfig())})
-    m = run(a.out, dc)
+    """`imagpose demo --out DIR [--config configs/demo.py] [--config.KEY=VALUE ...]` (ml-collections' config_flags)."""
+    import sys
+    from absl import flags
+    from imagpose_jax.train.config import config_flag_values
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\nflags: --out DIR (default outputs/demo) [--config configs/demo.py] [--config.KEY=VALUE ...]"
+              f"\nthe config: {DEFAULT_CONFIG}")
+        return 0
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    try:
+        fv = config_flag_values(argv, lambda fv: flags.DEFINE_string("out", "outputs/demo", "output folder",
+                                                                     flag_values=fv), prog="imagpose demo")
+    except (flags.Error, FileNotFoundError, ValueError, AttributeError, KeyError) as err:
+        raise SystemExit(f"imagpose demo: error: {err}") from None
+    m = run(fv.out, fv.config)
     print(json.dumps({"overall": m["overall"], "margins": m["margins"]["overall"], "timings": m["timings"]}, indent=1))
-    print(f"sheets: {a.out}/scenario_{{1,2,3}}/sheet.png; metrics: {a.out}/metrics.json")
+    print(f"sheets: {fv.out}/scenario_{{1,2,3}}/sheet.png; metrics: {fv.out}/metrics.json")
     return 0

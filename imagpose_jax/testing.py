@@ -19,3 +19,46 @@ def random_batch(n: int, height: int, width: int, *, ref_size: tuple[int, int] |
                  pose_grid=rng.uniform(0, 1, (n, gh, gw, 3)).astype(np.float32),
                  ref_pixels=rng.uniform(-1, 1, (n, rh, rw, 3)).astype(np.float32),
                  dino_pixels=rng.standard_normal((n, 224, 224, 3)).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The one set of tiny random-weight models: the configs' `:tiny` variants, the tests, the benchmarks and
+# `convert_weights.random_weights` all build these. XLA's compile time on the CPU grows with the number of
+# parameter tensors, so the UNet keeps few: two levels (32, 64 channels), one layer per block, CVA at both
+# levels and in the mid block, every block type once.
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=48, num_attention_heads=(2, 2),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), only_cross_attention=(False, False))
+TINY_PATCH_SIZE = 4          # a 64x64 view's 8x8 reference latents give 2x2 patch tokens
+TINY_VIEW = 64               # the tiny models' view size (grids 128x128, latents 16x16)
+# diffusers-style `AutoencoderKL` settings (SD's four blocks, narrow) and transformers-style DINOv2 ones.
+TINY_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+TINY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, patch_size=14, image_size=224)
+
+
+def tiny_model_config(use_cva: bool = True):
+    """The tiny denoiser's `IMAGPoseConfig` (with CVA: stages 2-3; without: stage 1)."""
+    from imagpose_jax.models.imagpose import IMAGPoseConfig
+    from imagpose_jax.models.unet_config import UNetConfig
+    return IMAGPoseConfig(unet=UNetConfig(**TINY_UNET, use_cva=use_cva), patch_size=TINY_PATCH_SIZE)
+
+
+def tiny_models(seed: int = 0, *, use_cva: bool = True, nonzero: bool = True):
+    """(IMAGPose, AutoencoderKL, Dinov2Model) with random weights. `nonzero`: the layers initialised to zero
+    (pose guider `conv_out`, CVA `proj_out`) get random weights too, so every path reaches the output."""
+    from flax import nnx
+    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
+    from imagpose_jax.models.imagpose import IMAGPose
+    from imagpose_jax.models.init import ParamKeys
+    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
+    model = IMAGPose(tiny_model_config(use_cva), rngs=ParamKeys(seed))
+    if nonzero:
+        rng = np.random.default_rng(seed)
+        zero = [model.pose_guider.conv_out] + [m.temporal_transformer.proj_out for _, m in nnx.iter_graph(model)
+                                              if type(m).__name__ == "CrossViewAttention"]
+        for m in zero:
+            m.kernel[...] = 0.02 * rng.standard_normal(m.kernel.shape).astype(np.float32)
+    vae = AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=ParamKeys(seed + 1))
+    dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(seed + 2))
+    return model, vae, dino

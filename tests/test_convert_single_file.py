@@ -17,7 +17,8 @@ from convert_weights.imagpose import read_diffusers_unet, read_single_file_unet,
 from convert_weights.single_file import ema_key, ldm_unet
 from convert_weights.vae import load_vae
 from imagpose_jax.models.unet_config import UNetConfig
-from imagpose_jax.train.config import TINY_VAE
+from imagpose_jax.testing import TINY_VAE
+from train_fixtures import tiny_config
 
 UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
             norm_num_groups=32, sample_size=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -268,18 +269,19 @@ def test_default_configs_are_sd15():
     """The single-file defaults are the SD1.5 the rest of the project assumes (our UNet and VAE defaults)."""
     from convert_weights.single_file import SD15_UNET_CONFIG, SD15_VAE_CONFIG
     from imagpose_jax.models.vae import VAEConfig
-    from imagpose_jax.train.config import SD15_VAE
+    from imagpose_jax.train.config import load_config
+    from train_fixtures import ROOT
+    full = load_config(f"{ROOT}/configs/stage3.py")
     assert UNetConfig.from_dict({**SD15_UNET_CONFIG, "in_channels": 9}) == UNetConfig()
-    assert VAEConfig.from_dict(SD15_VAE_CONFIG) == VAEConfig.from_dict(SD15_VAE) == VAEConfig()
+    assert VAEConfig.from_dict(SD15_VAE_CONFIG) == VAEConfig.from_dict(full.vae.to_dict()) == VAEConfig()
 
 
 def test_train_init_vae_reads_a_single_file(models, tmp_path):
     """`config.init.vae` = a single file: converted with the run's VAE settings, placed with the state's shardings."""
-    from imagpose_jax.train import config as tc
     from imagpose_jax.train.pretrained import load_pretrained
     path = tmp_path / "vae.safetensors"
     save_torch_file(to_ldm_vae(models["vae_sd"], TINY_VAE), path)
-    c = tc.base_config(1, "tiny")
+    c = tiny_config(1)
     c.init.vae = str(path)
     zeros = jax.tree.map(jnp.zeros_like, nnx.state(models["vae"], nnx.Param))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

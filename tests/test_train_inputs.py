@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from imagpose_jax.train import config as tc
 from imagpose_jax.train.inputs import ensure_synthetic
+from train_fixtures import tiny_config
 
 
 def test_synthetic_data_needs_a_local_folder(tmp_path):
-    c = tc.base_config(2, "tiny")
+    c = tiny_config(2)
     with pytest.raises(ValueError, match="local file I/O, not to 'gs://bucket/run/data'"):
         ensure_synthetic(c, "gs://bucket/run")
     c.data.path = str(tmp_path / "syn")

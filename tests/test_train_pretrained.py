@@ -9,6 +9,7 @@ import pytest
 from imagpose_jax.checkpoint.params import CONFIG_FILE
 from imagpose_jax.train import config as tc
 from imagpose_jax.train.pretrained import load_pretrained
+from train_fixtures import tiny_config
 
 
 def folder_with(tmp_path, c) -> str:
@@ -23,8 +24,8 @@ def folder_with(tmp_path, c) -> str:
     ("unet.cross_attention_dim", 32, "unet_config.cross_attention_dim"),
 ])
 def test_mismatched_settings_are_named(tmp_path, key, value, named):
-    run = tc.base_config(3, "tiny")
-    run.init.model = folder_with(tmp_path, tc.base_config(3, "tiny"))
+    run = tiny_config(3)
+    run.init.model = folder_with(tmp_path, tiny_config(3))
     parent, leaf = (run.unet, key.split(".")[1]) if "." in key else (run, key)
     parent[leaf] = value
     with pytest.raises(ValueError, match=f"model settings differ.*{named}"):

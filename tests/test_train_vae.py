@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagpose_jax import demo
 from imagpose_jax.train.vae import reconstruct, train_vae
+from train_fixtures import demo_config
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +17,18 @@ def images():
 
 
 def test_narrow_posterior_crops_and_scaling(images):
-    vae, cfg, summary = train_vae(images, demo.vae_config(), steps=3, batch_size=4, crop=32, initial_logvar=-6.0)
+    vae, cfg, summary = train_vae(images, demo_config().vae.to_dict(), steps=3, batch_size=4, crop=32, initial_logvar=-6.0)
     assert summary["steps"] == 3
     assert summary["posterior_noise_std"] < 0.1            # exp(-6 / 2) = 0.05 at the start
     assert cfg["scaling_factor"] == pytest.approx(1 / summary["latent_std"])
     assert vae.cfg.scaling_factor == cfg["scaling_factor"]
     assert reconstruct(vae, images).shape == images.shape  # trained on 32x32 crops, runs on 64x64 views
-    _, _, wide = train_vae(images, demo.vae_config(), steps=1, batch_size=2, initial_logvar=0.0)
+    _, _, wide = train_vae(images, demo_config().vae.to_dict(), steps=1, batch_size=2, initial_logvar=0.0)
     assert wide["posterior_noise_std"] > 0.5
 
 
 def test_bad_sizes_are_errors(images):
     with pytest.raises(ValueError, match="larger than the images"):
-        train_vae(images, demo.vae_config(), steps=1, crop=128)
+        train_vae(images, demo_config().vae.to_dict(), steps=1, crop=128)
     with pytest.raises(ValueError, match="multiples of 8"):
-        train_vae(images, demo.vae_config(), steps=1, crop=36)
+        train_vae(images, demo_config().vae.to_dict(), steps=1, crop=36)

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagpose_jax import demo
 from imagpose_jax.models.imagpose import IMAGPose
 from imagpose_jax.models.init import ParamKeys
 from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 from imagpose_jax.train import config as tc
 from imagpose_jax.testing import random_batch
-from train_fixtures import build, tiny_batch, tiny_config
+from train_fixtures import demo_config, build, tiny_batch, tiny_config
 
 
 STEPS = 40
@@ -22,14 +21,14 @@ STEPS = 40
 
 def factor4_config(stage: int = 3):
     c = tiny_config(stage)
-    c.vae = demo.vae_config()
-    c.pose_guider_channels = demo.DEMO_POSE_GUIDER
+    c.vae = demo_config().vae.to_dict()
+    c.pose_guider_channels = demo_config().pose_guider_channels
     return c
 
 
 def test_downscale_factor():
     assert VAEConfig().downscale_factor == 8
-    assert VAEConfig.from_dict(demo.vae_config()).downscale_factor == 4
+    assert VAEConfig.from_dict(demo_config().vae.to_dict()).downscale_factor == 4
 
 
 def test_pose_guider_factor_mismatch_is_an_error():
@@ -37,7 +36,7 @@ def test_pose_guider_factor_mismatch_is_an_error():
     model = IMAGPose(tc.model_config(c), rngs=ParamKeys(0))
     with pytest.raises(ValueError, match="pose guider downscales by 8"):
         jax.eval_shape(lambda p: model.pose_features(p, (32, 32)), jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))
-    c.vae = demo.vae_config()                            # a factor-4 VAE with the factor-8 pose guider
+    c.vae = demo_config().vae.to_dict()                            # a factor-4 VAE with the factor-8 pose guider
     with pytest.raises(ValueError, match="VAE downscales by 4 but the pose guider by 8"):
         tc.state_builder(c)
 

@@ -1,6 +1,7 @@
 """Shared pieces of the training tests: tiny configs, a fixed synthetic batch, diffusers' training schedule."""
 from __future__ import annotations
 
+import os
 import tempfile
 
 import jax
@@ -23,10 +24,19 @@ def diffusers_alphas_cumprod() -> np.ndarray:
     return s.alphas_cumprod.numpy().astype(np.float32)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def tiny_config(stage: int, **step_overrides):
-    c = tc.base_config(stage, "tiny")
+    """`configs/stage{stage}.py:tiny`, as `imagpose train` reads it, with `c.step` overrides."""
+    c = tc.load_config(os.path.join(ROOT, f"configs/stage{stage}.py:tiny"))
     c.step.update(step_overrides)
     return c
+
+
+def demo_config():
+    """configs/demo.py, as `imagpose demo` reads it (the factor-4 demo VAE, its three-stage pose guider)."""
+    return tc.load_config(os.path.join(ROOT, "configs/demo.py"))
 
 
 def tiny_batch(batch_size: int = 2, seed: int = 0) -> Batch:

@@ -43,16 +43,37 @@ class Layout:
 
     @property
     def known(self) -> tuple[bool, ...]:
-        return tuple(kind == "source" for kind, _ in self.slots)
+        return tuple(kind == SOURCE for kind, _ in self.slots)
+
+    @property
+    def num_sources(self) -> int:
+        return len({i for kind, i in self.slots if kind == SOURCE})
+
+    def sources(self) -> list[tuple[int, int]]:
+        """(slot, source index) of each source, each once (at its first slot)."""
+        seen, out = set(), []
+        for s, (kind, i) in enumerate(self.slots):
+            if kind == SOURCE and i not in seen:
+                seen.add(i)
+                out.append((s, i))
+        return out
 
     def targets(self) -> list[tuple[int, int]]:
         """(slot, target index) of each generated slot, each target once (a repeated target counts at its first slot)."""
         seen, out = set(), []
         for s, (kind, j) in enumerate(self.slots):
-            if kind == "target" and j not in seen:
+            if kind == TARGET and j not in seen:
                 seen.add(j)
                 out.append((s, j))
         return out
+
+
+SOURCE, TARGET = "source", "target"
+# The original's three inference scenarios (spec sections 1-2), the one definition of their slot layouts:
+# 1: one source (repeated in slots 0-2), one target; 2: one source, three targets; 3: three sources, one target.
+SCENARIOS = {1: Layout(((SOURCE, 0), (SOURCE, 0), (SOURCE, 0), (TARGET, 0))),
+             2: Layout(((SOURCE, 0), (TARGET, 0), (TARGET, 1), (TARGET, 2))),
+             3: Layout(((SOURCE, 0), (SOURCE, 1), (SOURCE, 2), (TARGET, 0)))}
 
 
 def plan_layouts(num_sources: int, num_targets: int) -> list[Layout]:
@@ -68,15 +89,15 @@ def plan_layouts(num_sources: int, num_targets: int) -> list[Layout]:
         raise ValueError(f"at most 3 source images fit a grid beside a target, got {num_sources}")
     if num_targets < 1:
         raise ValueError("at least one target pose is needed")
-    src = [("source", i) for i in (0, 0, 0)] if num_sources == 1 else \
-        [("source", i) for i in ((0, 1, 0) if num_sources == 2 else (0, 1, 2))]
-    if num_sources > 1 or num_targets == 1:
-        return [Layout(tuple(src) + (("target", j),)) for j in range(num_targets)]
-    layouts = []
+    if num_sources > 1 or num_targets == 1:  # scenarios 1 and 3: one grid per target; two sources pad with the first
+        src = SCENARIOS[1 if num_sources == 1 else 3].slots[:3]
+        src = src if num_sources != 2 else (src[0], src[1], src[0])
+        return [Layout(src + ((TARGET, j),)) for j in range(num_targets)]
+    layouts = []   # scenario 2: three targets per grid beside the source
     for start in range(0, num_targets, 3):
-        chunk = [("target", j) for j in range(start, min(start + 3, num_targets))]
-        chunk += [("source", 0)] * (3 - len(chunk))  # a short last chunk shows the source again
-        layouts.append(Layout((("source", 0),) + tuple(chunk)))
+        chunk = [(TARGET, start + j) for kind, j in SCENARIOS[2].slots[1:] if start + j < num_targets]
+        chunk += [(SOURCE, 0)] * (3 - len(chunk))  # a short last chunk shows the source again
+        layouts.append(Layout(((SOURCE, 0),) + tuple(chunk)))
     return layouts
 
 
@@ -89,7 +110,7 @@ def compose(layout: Layout, sources: list[np.ndarray], source_poses: list[np.nda
     h, w, _ = sources[0].shape
     images, poses = [], []
     for kind, i in layout.slots:
-        if kind == "source":
+        if kind == SOURCE:
             images.append(sources[i])
             poses.append(source_poses[i])
         else:

@@ -23,12 +23,11 @@ import numpy as np
 from PIL import Image
 
 from imagpose_jax.data.batch import make_example, stack, to_signed
-from imagpose_jax.data.grid import check_view_size
+from imagpose_jax.data.grid import SCENARIOS, SOURCE, check_view_size
 from imagpose_jax.data.index import Person, View
 from imagpose_jax.data.pose import render_pose
 
 Example = dict[str, np.ndarray]
-SCENARIOS = (1, 2, 3)
 
 
 class CorruptImageError(OSError):
@@ -228,18 +227,12 @@ def make_train_iterator(persons: Sequence[Person], height: int, width: int, *, b
     return TrainIterator(iter(it_ds), batch_size)
 
 
-_SCENARIO_SLOTS = {  # scenario -> (view position per slot, known slots); targets are unknown
-    1: ((0, 0, 0, 1), (True, True, True, False)),
-    2: ((0, 1, 2, 3), (True, False, False, False)),
-    3: ((0, 1, 2, 3), (True, True, True, False)),
-}
-
-
 def make_eval_example(person: Person, scenario: int, height: int, width: int,
                       view_ids: Sequence[int] | None = None) -> Example:
     """A deterministic inference-scenario example for a held-out person (centre crop, no flip).
 
-    ``view_ids`` picks the person's views (default: the first ones):
+    The slots are `grid.SCENARIOS[scenario]`; ``view_ids`` picks the person's views for its sources then its
+    targets (default: the first ones):
       scenario 1: (source, target): the source in slots 0-2, the target in slot 3;
       scenario 2: (source, t1, t2, t3): the source in slot 0, the targets in slots 1-3;
       scenario 3: (s1, s2, s3, target): three different sources in slots 0-2, the target in slot 3.
@@ -247,9 +240,11 @@ def make_eval_example(person: Person, scenario: int, height: int, width: int,
     (the ground truth; the sampler masks the unknown slots itself).
     """
     check_view_size(height, width)
-    if scenario not in _SCENARIO_SLOTS:
-        raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
-    positions, known = _SCENARIO_SLOTS[scenario]
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {tuple(SCENARIOS)}, got {scenario!r}")
+    layout = SCENARIOS[scenario]
+    positions = [i if kind == SOURCE else layout.num_sources + i for kind, i in layout.slots]
+    known = layout.known
     needed = max(positions) + 1
     view_ids = tuple(range(needed)) if view_ids is None else tuple(view_ids)
     if len(view_ids) != needed or len(set(view_ids)) != needed:

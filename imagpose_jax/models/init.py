@@ -34,6 +34,3 @@ def abstract(ctor: Callable[[ParamKeys], M]) -> M:
     """The module `ctor(rngs)` with shape/dtype placeholders instead of arrays (no allocation)."""
     return nnx.eval_shape(lambda: ctor(ParamKeys(0)))
 
-
-def abstract_params(ctor: Callable[[ParamKeys], nnx.Module]) -> nnx.State:
-    return nnx.state(abstract(ctor), nnx.Param)

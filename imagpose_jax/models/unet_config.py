@@ -146,7 +146,3 @@ class UNetConfig:
         d["motion_module_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(d.pop("cva_kwargs")).items()}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-
-def sd15_config(**overrides) -> UNetConfig:
-    """Stable Diffusion 1.5's UNet with 9 input channels; `use_cva=True` gives the full IMAGPose denoiser."""
-    return UNetConfig(**overrides)

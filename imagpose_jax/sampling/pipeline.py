@@ -17,6 +17,7 @@ from PIL import Image
 from imagpose_jax.data.grid import Layout, check_view_size, compose, plan_layouts, untile
 from imagpose_jax.data.pose import render_pose
 from imagpose_jax.data.batch import Batch, make_example, stack
+from imagpose_jax.images import contact_sheet
 from imagpose_jax.preprocess import as_rgb_image, load_image, vae_preprocess
 from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
 
@@ -67,6 +68,12 @@ class Generation:
     targets: list[np.ndarray]      # one (H, W, 3) float32 in [0, 1] per target pose, in order
     grids: np.ndarray              # (G, 2H, 2W, 3) every decoded grid
     layouts: list[Layout]
+    sources: list[np.ndarray]      # the source views (H, W, 3) in [0, 1], as the model saw them
+    target_poses: list[np.ndarray]  # the target poses' renderings (H, W, 3) in [0, 1]
+
+    def sheet(self) -> np.ndarray:
+        """uint8 contact sheet, one row per target: sources | target pose | result."""
+        return contact_sheet([list(self.sources) + [p, r] for p, r in zip(self.target_poses, self.targets)])
 
 
 class IMAGPosePipeline:
@@ -78,8 +85,17 @@ class IMAGPosePipeline:
     def from_pretrained(cls, folder, cfg: SamplerConfig = SamplerConfig(), dtype=None) -> IMAGPosePipeline:
         return cls(*load_pipeline_models(folder, dtype), cfg)
 
+    def set_weights(self, model, vae, dino) -> None:
+        """Swaps in other weights of the same model configs; the compiled program is reused (`Sampler.set_weights`)."""
+        self.sampler.set_weights(model, vae, dino)
+
     def prepare(self, sources, source_poses, target_poses, view_size: tuple[int, int]) -> tuple[Batch, list[Layout]]:
         """Host-side inputs: a batch of grids (one per layout) and the layouts."""
+        batch, layouts, _, _ = self._prepare(sources, source_poses, target_poses, view_size)
+        return batch, layouts
+
+    def _prepare(self, sources, source_poses, target_poses, view_size):
+        sources, source_poses, target_poses = (_as_list(x) for x in (sources, source_poses, target_poses))
         h, w = view_size
         check_view_size(h, w)
         if len(sources) != len(source_poses):
@@ -92,18 +108,31 @@ class IMAGPosePipeline:
         ref_hw = (h, w) if self.cfg.patch_reference == "view" else (2 * h, 2 * w)
         examples = [make_example(*compose(layout, src, src_p, tgt_p), layout.known, src_images[0], ref_size=ref_hw,
                                  dino_squash=self.cfg.dino_squash) for layout in layouts]
-        return stack(examples), layouts
+        return stack(examples), layouts, src, tgt_p
 
     def __call__(self, sources, source_poses, target_poses, *, view_size=(512, 512), seed: int = 42,
                  batch_size: int = 4, progress: bool = True) -> Generation:
-        """Generates every target. Grids run `batch_size` at a time (the last batch is padded, so one compiled
-        program serves all); each grid's starting noise depends only on `seed` and the grid's index."""
+        """Generates every target; see `generate_grids` for the batching and the noise."""
+        batch, layouts, src, tgt_p = self._prepare(sources, source_poses, target_poses, view_size)
+        grids = self.generate_grids(batch, seed=seed, batch_size=batch_size, progress=progress)
+        targets: dict[int, np.ndarray] = {}
+        for g, layout in enumerate(layouts):
+            views = untile(grids[g])
+            for slot, j in layout.targets():
+                targets.setdefault(j, views[slot])
+        return Generation([targets[j] for j in range(len(target_poses))], grids, layouts,
+                          [(v + 1) / 2 for v in src], tgt_p)
+
+    def generate_grids(self, batch: Batch, *, seed: int = 42, batch_size: int = 4, progress: bool = True) -> np.ndarray:
+        """A `Batch` of G grids -> the decoded grids (G, 2H, 2W, 3) in [0, 1]. Grids run `batch_size` at a time (the
+        last batch padded, so one compiled program serves all); each grid's starting noise depends only on `seed`
+        and the grid's index."""
         import jax
         from tqdm import tqdm
-        batch, layouts = self.prepare(sources, source_poses, target_poses, view_size)
-        n = len(layouts)
-        hh, ww = batch.grid.shape[1:3]
-        shape = self.sampler.latent_shape(hh, ww)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        n = len(batch.grid)
+        shape = self.sampler.latent_shape(*batch.grid.shape[1:3])
         noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape))
                           for i in range(n)])
         out = []
@@ -112,16 +141,12 @@ class IMAGPosePipeline:
             idx = np.minimum(np.arange(start, start + bs), n - 1)  # pad the last batch by repeating its last grid
             images = self.sampler(Batch(*(x[idx] for x in batch)), noise=noise[idx])
             out.append(images[: min(bs, n - start)])
-        grids = np.concatenate(out)
-        targets: dict[int, np.ndarray] = {}
-        for g, layout in enumerate(layouts):
-            views = untile(grids[g])
-            for slot, j in layout.targets():
-                targets.setdefault(j, views[slot])
-        return Generation([targets[j] for j in range(len(target_poses))], grids, layouts)
+        return np.concatenate(out)
 
 
-def make_sheet(sources: list[np.ndarray], target_poses: list[np.ndarray], results: list[np.ndarray]) -> np.ndarray:
-    """A contact sheet, one row per target: sources | target pose | result. Views (H, W, 3) in [0, 1] -> uint8."""
-    rows = [np.concatenate(list(sources) + [p, r], axis=1) for p, r in zip(target_poses, results)]
-    return (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)
+def _as_list(x) -> list:
+    """One image/pose (a path, PIL image or array) or a sequence of them -> a list (a lone path is one item, not
+    a sequence of characters)."""
+    if isinstance(x, (str, os.PathLike, Image.Image, np.ndarray)):
+        return [x]
+    return list(x)

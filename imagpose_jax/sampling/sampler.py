@@ -20,11 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from imagpose_jax.data.batch import Batch, as_batch
 from imagpose_jax.models.encode import encode
 from imagpose_jax.schedulers import make_scheduler
+from imagpose_jax.schedulers.common import NOISE_SCHEDULE
 
-DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                     "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
-                     "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "steps_offset": 1,
-                     "clip_sample": False, "eta": 0.0}
+DEFAULT_SCHEDULER = {**NOISE_SCHEDULE, "timestep_spacing": "trailing", "steps_offset": 1, "clip_sample": False,
+                     "eta": 0.0}
 
 
 @dataclass(frozen=True)
@@ -58,41 +57,44 @@ class SamplerConfig:
 class Sampler:
     """`Sampler(model, vae, dino, cfg)(batch, noise=... or key=...)` -> images (B, 2H, 2W, 3) in [0, 1].
 
-    With several local devices the batch is split over them (data parallel) and the weights replicated.
+    With several local devices the batch is split over them (data parallel) and the weights replicated. The
+    sampler holds the modules' (graphdef, state) split: it never writes into the modules it was given.
     """
 
     def __init__(self, model, vae, dino, cfg: SamplerConfig = SamplerConfig()):
         self.cfg = cfg
         self.scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_inference_steps)
-        self.models = nnx.List([model, vae, dino])
+        self.vae_cfg = vae.cfg
         self.traces = 0  # how many times the program was traced (compiled): once per input shape
         self.mesh = None
         if jax.local_device_count() > 1:
             self.mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
                                       axis_types=(jax.sharding.AxisType.Auto,))
-            state = nnx.state(self.models)
-            nnx.update(self.models, jax.device_put(state, NamedSharding(self.mesh, P())))
-        self._run = nnx.jit(self._program)
+        self._graphdef, self._state = nnx.split(nnx.List([model, vae, dino]))
+        self.set_weights(model, vae, dino)
+        self._run = jax.jit(self._program)
 
     def set_weights(self, model, vae, dino) -> None:
-        """Loads the weights of modules like the sampler's own (same classes and configs: a training run's
-        current state) without re-tracing: the compiled program is reused."""
-        state = nnx.state(nnx.List([model, vae, dino]))
+        """Uses the weights of modules like the sampler's own (same classes and configs: a training run's
+        current state) without re-tracing: the compiled program is reused. The modules are only read."""
+        graphdef, state = nnx.split(nnx.List([model, vae, dino]))
+        if graphdef != self._graphdef:
+            raise ValueError("set_weights needs modules of the sampler's own classes and configs")
         if self.mesh is not None:
             state = jax.device_put(state, NamedSharding(self.mesh, P()))
-        nnx.update(self.models, state)
+        self._state = state
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latents (h, w, C) of a (height, width) grid under this sampler's VAE."""
-        vcfg = self.models[1].cfg
+        vcfg = self.vae_cfg
         f = vcfg.downscale_factor
         if height % f or width % f:
             raise ValueError(f"grid {height}x{width} is not a multiple of the VAE's downscale factor {f}")
         return height // f, width // f, vcfg.latent_channels
 
-    def _program(self, models, batch: Batch, noise: jax.Array, guidance: jax.Array, key: jax.Array) -> jax.Array:
+    def _program(self, state: nnx.State, batch: Batch, noise: jax.Array, guidance: jax.Array, key: jax.Array) -> jax.Array:
         self.traces += 1
-        model, vae, dino = models
+        model, vae, dino = nnx.merge(self._graphdef, state)
         sched, do_cfg = self.scheduler, self.cfg.guidance_scale > 1.0
         enc = encode(vae, dino, batch)
         cond = model.condition(enc.image_embeds, enc.ref_latents, enc.masked_latents, batch.pose_grid,
@@ -138,5 +140,5 @@ class Sampler:
                 batch = Batch(*(jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) for x in batch))
                 noise = jnp.concatenate([noise, jnp.repeat(noise[-1:], pad, 0)])
             batch, noise = jax.device_put((batch, noise), NamedSharding(self.mesh, P("data")))
-        images = self._run(self.models, batch, noise, jnp.float32(self.cfg.guidance_scale), key)
+        images = self._run(self._state, batch, noise, jnp.float32(self.cfg.guidance_scale), key)
         return np.asarray(images)[:b]

@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The one noise schedule (spec sections 6-7): the training DDPM's, and the samplers' unless a config says otherwise.
+NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> np.ndarray:
     """(T,) float32 betas, as diffusers computes them ('linear', 'scaled_linear')."""
@@ -28,7 +31,8 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 
 def alphas_cumprod(cfg: dict) -> np.ndarray:
-    """(T,) float32 cumulative alphas of a diffusers-style scheduler config."""
+    """(T,) float32 cumulative alphas of a diffusers-style scheduler config (a missing `rescale_betas_zero_snr` is
+    False, as in diffusers; the project's settings are `NOISE_SCHEDULE`)."""
     betas = make_betas(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012),
                        cfg.get("beta_schedule", "scaled_linear"))
     if cfg.get("rescale_betas_zero_snr", False):

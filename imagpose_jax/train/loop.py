@@ -204,6 +204,7 @@ class SampleWriter:
             logging.warning("sample grids are written on single-host runs only; skipped at step %d", step)
             return
         from imagpose_jax.data.batch import masked_views, stack
+        from imagpose_jax.images import contact_sheet, save_image
         from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
         ts = nnx.merge(self.graphdef, state)
         model = ts.model
@@ -217,12 +218,9 @@ class SampleWriter:
         else:
             self.sampler.set_weights(model, ts.vae, ts.dino)
         images = self.sampler(stack(examples), key=jax.random.key(c.seed))  # (B, 2H, 2W, 3) in [0, 1]
-        rows = [np.concatenate([(masked_views(e["grid"], e["known"]) + 1) / 2, e["pose_grid"], img,
-                                (e["grid"] + 1) / 2], axis=1)
-                for e, img in zip(examples, images)]
-        sheet = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255 + 0.5).astype(np.uint8)
+        sheet = contact_sheet([[(masked_views(e["grid"], e["known"]) + 1) / 2, e["pose_grid"], img, (e["grid"] + 1) / 2]
+                               for e, img in zip(examples, images)])
         folder = os.path.join(self.workdir, "samples")
         os.makedirs(folder, exist_ok=True)
-        from PIL import Image
-        Image.fromarray(sheet).save(os.path.join(folder, f"step_{step}.png"))
+        save_image(os.path.join(folder, f"step_{step}.png"), sheet)
         self.writer.image(step, "samples", sheet)

@@ -3,44 +3,55 @@
   imagpose train --config configs/stage1.py --workdir runs/stage1 [--config.steps=1000 --config.data.index=...]
   imagpose train --config configs/stage2.py:tiny --workdir runs/tiny2          (the tiny CPU variant)
 
-Overrides are `--config.KEY=VALUE` (dotted keys of the config; VALUE a Python literal or a string). Running the
-same command again resumes from the workdir's latest checkpoint. Multi-host: the same command on every host
-(see launch/); `--distributed auto` initialises `jax.distributed` when a cluster is detected.
+The config and its `--config.KEY=VALUE` overrides are read by ml-collections' `config_flags` (an unknown key or a
+value of the wrong type is an error). Running the same command again resumes from the workdir's latest checkpoint.
+Multi-host: the same command on every host (see launch/); `--distributed auto` initialises `jax.distributed` when
+a cluster is detected.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="imagpose train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="configs/stageN.py, or configs/stageN.py:tiny")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics, samples and the export go here")
-    p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args, rest = p.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            p.error(f"unrecognised argument {item!r} (overrides look like --config.steps=100)")
-        overrides.append(item[len("--config."):])
-    return args, overrides
+def _define(fv) -> None:
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples and the export go here", flag_values=fv)
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed initialisation", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "a progress bar (--noprogress or --no-progress: none)", flag_values=fv)
+
+
+def parse(argv: list[str]):
+    """-> (absl FlagValues with .config, .workdir, .distributed, .progress); a bad argument exits with one line."""
+    from absl import flags
+    from imagpose_jax.train.config import config_flag_values
+    argv = ["--noprogress" if a == "--no-progress" else a for a in argv]
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\nflags: --config FILE[:tiny] --workdir DIR [--distributed auto|on|off] [--noprogress] "
+              "[--config.KEY=VALUE ...]")
+        raise SystemExit(0)
+    try:
+        fv = config_flag_values(argv, _define, prog="imagpose train")
+    except (flags.Error, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"imagpose train: error: {err}") from None
+    except (AttributeError, KeyError) as err:
+        raise SystemExit(f"imagpose train: error: an override names no config field ({err})") from None
+    if fv.config is None:
+        raise SystemExit("imagpose train: error: --config is required (configs/stageN.py or configs/stageN.py:tiny)")
+    if not fv.workdir:
+        raise SystemExit("imagpose train: error: --workdir is required")
+    return fv
 
 
 def main(argv=None) -> int:
-    args, overrides = parse(list(sys.argv[1:] if argv is None else argv))
+    fv = parse(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from imagpose_jax.sharding.distributed import initialize_distributed
-    initialize_distributed(args.distributed)
-    from imagpose_jax.train.config import load_config
+    initialize_distributed(fv.distributed)
     from imagpose_jax.train.loop import train
-    c = load_config(args.config, overrides)
-    summary = train(c, args.workdir, progress=not args.no_progress)
+    summary = train(fv.config, fv.workdir, progress=fv.progress)
     print(json.dumps(summary, indent=1))
     return 0
 

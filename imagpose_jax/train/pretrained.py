@@ -35,8 +35,7 @@ def load_pretrained(state: nnx.State, shardings: nnx.State, c: ml_collections.Co
     for key, attr in PARTS.items():
         folder = c.init.get(key, "")
         if not folder:
-            if c.variant != "tiny":
-                logging.warning("init.%s is not set: the %s starts from random weights", key, attr)
+            logging.warning("init.%s is not set: the %s starts from random weights", key, attr)
             continue
         if key == "model":
             _check_model_config(folder, c)
