@@ -23,7 +23,12 @@ TORCH = [
 # scikit-image: the SSIM/PSNR reference. The LPIPS/FID references (torchvision, lpips, pytorch-fid) are
 # deliberately absent: PyPI's torchvision is a CUDA build whose import fails next to the CPU torch, and
 # then breaks `transformers` too; tests/test_metrics.py installs them into a private folder instead.
-TEST = TORCH + ["pytest>=8,<10", "scikit-image>=0.24,<0.27"]
+# `imagpose pose`: DWPose's two ONNX files (the original's person detector and whole-body model) on onnxruntime.
+# No OpenCV: its resize/warpAffine are reproduced in NumPy (imagpose_jax/data/dwpose.py).
+POSE = ["onnxruntime>=1.16,<2"]
+# onnx: torch.onnx.export of the stand-in DWPose files in tests/test_pose_extract.py. That test's reference,
+# rtmlib, needs OpenCV: it installs rtmlib and opencv-python-headless into a private folder instead.
+TEST = TORCH + POSE + ["pytest>=8,<10", "scikit-image>=0.24,<0.27", "onnx>=1.16,<2"]
 # The optional TFDS builder of DeepFashion's manual download (imagpose_jax/data/tfds_deepfashion.py). Builds and
 # reads array_record files without TensorFlow; tfds 4.9 imports importlib_resources without declaring it.
 TFDS = ["tensorflow-datasets>=4.9.9,<4.10", "importlib_resources>=5"]
@@ -35,7 +40,7 @@ setup(
     packages=find_packages(include=["imagpose_jax", "imagpose_jax.*", "convert_weights", "convert_weights.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"torch": TORCH, "test": TEST, "tfds": TFDS},
+    extras_require={"torch": TORCH, "test": TEST, "tfds": TFDS, "pose": POSE},
     entry_points={"console_scripts": [
         "imagpose=imagpose_jax.cli:main",
         "imagpose-convert=convert_weights.cli:main",

@@ -6,6 +6,7 @@
   imagpose train --config configs/stage1.py --workdir runs/stage1   (one training stage; see launch/ for pods)
   imagpose make-dataset data/ ...          (the synthetic pose-transfer dataset)
   imagpose evaluate --generated gen/ --targets test/ --out eval/   (SSIM, LPIPS, FID, PSNR, L1 of a generated test set)
+  imagpose pose me.jpg --out poses/ --dwpose ckpts/   (18-keypoint OpenPose JSON + rendering from photos, DWPose)
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("demo", "main job: synthetic data -> training -> the 3 scenarios, scored (see imagpose demo --help)"),
                        ("train", "train one stage from a config file (see imagpose train --help)"),
                        ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)"),
-                       ("evaluate", "score a folder of generated images against their targets (see imagpose evaluate --help)")):
+                       ("evaluate", "score a folder of generated images against their targets (see imagpose evaluate --help)"),
+                       ("pose", "OpenPose JSON and pose images from photos, with DWPose (see imagpose pose --help)")):
         sub.add_parser(name, help=text, add_help=False)
     return p
 
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["evaluate"]:
         from imagpose_jax.metrics.folders import main as evaluate_main
         return evaluate_main(argv[1:])
+    if argv[:1] == ["pose"]:
+        from imagpose_jax.pose_extract import main as pose_main
+        return pose_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 
