@@ -39,17 +39,15 @@ def build_models(size: str, dtype):
     import jax.numpy as jnp
     from flax import nnx
 
-    from convert_weights.random_weights import DINO_BASE, SD15_VAE, TINY_DINO, TINY_VAE, tiny_config
+    from convert_weights.random_weights import model_sizes
     from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
-    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    from imagpose_jax.models.imagpose import IMAGPose
     from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 
-    cfg = tiny_config() if size == "tiny" else IMAGPoseConfig()
-    vae_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in (TINY_VAE if size == "tiny" else SD15_VAE).items()}
+    cfg, vae_cfg, dino_cfg = model_sizes("tiny" if size == "tiny" else "sd15")
     models = [materialize(lambda k: IMAGPose(cfg, rngs=k, dtype=dtype), 0),
               materialize(lambda k: AutoencoderKL(VAEConfig.from_dict(vae_cfg), rngs=k, dtype=dtype), 1),
-              materialize(lambda k: Dinov2Model(Dinov2Config.from_dict(TINY_DINO if size == "tiny" else DINO_BASE),
-                                                rngs=k, dtype=dtype), 2)]
+              materialize(lambda k: Dinov2Model(Dinov2Config.from_dict(dino_cfg), rngs=k, dtype=dtype), 2)]
     if dtype != jnp.float32:
         for m in models:
             graphdef, state = nnx.split(m)

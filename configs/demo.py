@@ -45,7 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    schedule="cosine", warmup_steps=50)
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     c.train = dict(log_every=50, checkpoint_every=1000, keep=3, async_checkpoint=False, sample_every=0,
-                   sample_steps=10, sample_guidance=2.0)
+                   sample_steps=10, sample_guidance=2.0,
+                   max_nonfinite=5)
 
     c.demo = dict(
         vae_steps=1000,        # VAE pre-training steps

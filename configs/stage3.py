@@ -60,9 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Devices: data x fsdp x tensor (-1: all remaining devices).
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # The loop: metrics every log_every steps (metrics.jsonl + TensorBoard), orbax checkpoints every
-    # checkpoint_every (newest `keep` kept), sample grids every sample_every steps (0: never).
+    # checkpoint_every (newest `keep` kept), sample grids every sample_every steps (0: never); a non-finite loss or
+    # gradient skips that update, and max_nonfinite such steps in a row stop the run.
     c.train = dict(log_every=50, checkpoint_every=2000, keep=3, async_checkpoint=True, sample_every=5000,
-                   sample_steps=30, sample_guidance=2.0)
+                   sample_steps=30, sample_guidance=2.0,
+                   max_nonfinite=5)
 
     if arg == "tiny":  # the tiny models of `imagpose_jax.testing` on 64x64 synthetic views, fp32, for the CPU
         c.steps = 100

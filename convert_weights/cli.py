@@ -92,7 +92,7 @@ def _init_heads(cfg, seed: int) -> dict:
     from imagpose_jax.models.pose_guider import PoseGuider
     rngs = nnx.Rngs(seed)
     pg = PoseGuider(cfg.unet.block_out_channels[0], 3, cfg.pose_guider_channels, rngs=rngs)
-    patch = PatchEmbed(cfg.patch_size, 4, cfg.embed_dim, rngs=rngs)
+    patch = PatchEmbed(cfg.patch_size, cfg.latent_channels, cfg.embed_dim, rngs=rngs)
     return {"pose_guider": nnx.state(pg, nnx.Param), "patch": nnx.state(patch, nnx.Param)}
 
 

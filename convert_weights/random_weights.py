@@ -14,19 +14,18 @@ import sys
 
 from flax import nnx
 
-TINY_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
-TINY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, patch_size=14, image_size=224)
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
 DINO_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14, image_size=518)
 
 
-def tiny_config():
+def model_sizes(size: str):
+    """(IMAGPoseConfig, diffusers AutoencoderKL kwargs, transformers Dinov2Config kwargs) for "tiny" (the tiny models
+    of `imagpose_jax.testing`) or "sd15"."""
+    from convert_weights.single_file import SD15_VAE_CONFIG
+    from imagpose_jax import testing
     from imagpose_jax.models.imagpose import IMAGPoseConfig
-    from imagpose_jax.models.unet_config import UNetConfig
-    unet = UNetConfig(block_out_channels=(32, 32, 64, 64), cross_attention_dim=48, use_cva=True)
-    return IMAGPoseConfig(unet=unet, patch_size=8)  # 64-pixel views have 8x8 latents: one patch token each
+    if size == "tiny":
+        return testing.tiny_model_config(), dict(testing.TINY_VAE), testing.TINY_DINO
+    return IMAGPoseConfig(), {k: v for k, v in SD15_VAE_CONFIG.items() if not k.startswith("_")}, DINO_BASE
 
 
 def write_random_checkpoints(out: str, size: str = "tiny", seed: int = 0) -> None:
@@ -35,17 +34,17 @@ def write_random_checkpoints(out: str, size: str = "tiny", seed: int = 0) -> Non
     from transformers import Dinov2Config, Dinov2Model
 
     from convert_weights.imagpose import export_imagpose
-    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    from imagpose_jax.models.imagpose import IMAGPose
     from imagpose_jax.models.init import ParamKeys
 
-    cfg = tiny_config() if size == "tiny" else IMAGPoseConfig()
+    cfg, vae_kwargs, dino_kwargs = model_sizes(size)
     model = IMAGPose(cfg, rngs=ParamKeys(seed))
     export_imagpose(nnx.state(model, nnx.Param), cfg, out, step=0)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)
     torch.manual_seed(seed)
-    AutoencoderKL(**(TINY_VAE if size == "tiny" else SD15_VAE)).save_pretrained(os.path.join(out, "vae"))
-    Dinov2Model(Dinov2Config(**(TINY_DINO if size == "tiny" else DINO_BASE))).save_pretrained(os.path.join(out, "image_encoder"))
+    AutoencoderKL(**vae_kwargs).save_pretrained(os.path.join(out, "vae"))
+    Dinov2Model(Dinov2Config(**dino_kwargs)).save_pretrained(os.path.join(out, "image_encoder"))
 
 
 def main(argv=None) -> int:

@@ -36,17 +36,30 @@ def generate(args) -> int:
         raise SystemExit(f"error: {len(args.source)} --source image(s) but {len(args.source_pose)} --source-pose: one each")
     if not args.target_pose:
         raise SystemExit("error: give at least one --target-pose")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}")
     make = SamplerConfig.original_inference if args.original_inference else SamplerConfig
     cfg = make(num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler)
+    _writable_folder(args.out)   # before the weights are loaded and minutes of sampling
     pipe = IMAGPosePipeline.from_pretrained(args.weights, cfg)
     result = pipe(args.source, args.source_pose, args.target_pose, view_size=args.view_size, seed=args.seed,
                   batch_size=args.batch_size)
-    os.makedirs(args.out, exist_ok=True)
     for j, image in enumerate(result.targets):
         save_image(os.path.join(args.out, f"target_{j:03d}.png"), image)
     save_image(os.path.join(args.out, "sheet.png"), result.sheet())
     print(f"{len(result.targets)} target(s) from {len(result.grids)} grid(s) -> {args.out}/target_*.png, sheet.png")
     return 0
+
+
+def _writable_folder(path: str) -> None:
+    """Creates `path` (and parents) and checks that a file can be written there; an error names the folder."""
+    import tempfile
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise SystemExit(f"error: cannot write to the output folder {path!r}: {err.strerror or err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Expected failures (bad input, a missing or mismatched file) print one line naming it and exit 2; `--debug`
+    (anywhere in the arguments) or IMAGPOSE_DEBUG=1 shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("IMAGPOSE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        return _dispatch(argv)
+    try:
+        return _dispatch(argv)
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as err:
+        name = "imagpose " + (argv[0] if argv else "")
+        print(f"{name.strip()}: error: {err} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:
         from imagpose_jax.demo import main as demo_main
         return demo_main(argv[1:])

@@ -5,28 +5,17 @@ import pytest
 
 from imagpose_jax.cli import main as cli_main
 from imagpose_jax.data.batch import Batch
-from imagpose_jax.testing import random_batch
+from imagpose_jax.testing import random_batch, tiny_models
 
-from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
-from imagpose_jax.models.imagpose import IMAGPose
-from imagpose_jax.models.init import ParamKeys
-from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 from imagpose_jax.sampling.pipeline import IMAGPosePipeline
 from imagpose_jax.sampling.sampler import DEFAULT_SCHEDULER, Sampler, SamplerConfig
 from imagpose_jax.schedulers import make_scheduler
 
-from convert_weights.random_weights import TINY_DINO, TINY_VAE, tiny_config
 
 
 @pytest.fixture(scope="module")
 def models():
-    model = IMAGPose(tiny_config(), rngs=ParamKeys(0))
-    # the zero-initialised layers would hide the pose and CVA paths: give them weights
-    for m in [model.pose_guider.conv_out] + [mm.temporal_transformer.proj_out for b in model.unet.down_blocks for mm in b.motion_modules]:
-        m.kernel[...] = 0.02 * np.random.default_rng(0).standard_normal(m.kernel.shape).astype(np.float32)
-    vae = AutoencoderKL(VAEConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_VAE.items()}), rngs=ParamKeys(1))
-    dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(2))
-    return model, vae, dino
+    return tiny_models(0)   # the zero-initialised layers get weights: the pose and CVA paths reach the output
 
 
 def _batch(n, seed, view=64):

@@ -9,19 +9,11 @@ import numpy as np
 SCRIPT = textwrap.dedent('''
     import sys
     import numpy as np, jax
-    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
-    from imagpose_jax.models.imagpose import IMAGPose
-    from imagpose_jax.models.init import ParamKeys
-    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
     from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
-    from convert_weights.random_weights import TINY_DINO, TINY_VAE, tiny_config
-    model = IMAGPose(tiny_config(), rngs=ParamKeys(0))
-    vae = AutoencoderKL(VAEConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_VAE.items()}),
-                        rngs=ParamKeys(1))
-    dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(2))
+    from imagpose_jax.testing import random_batch, tiny_models
+    model, vae, dino = tiny_models(0)
     rng = np.random.default_rng(0)
     n = 3  # not a multiple of the device count: the sampler pads
-    from imagpose_jax.testing import random_batch
     b = random_batch(n, 64, 64, known=(True, False, True, False))
     noise = rng.standard_normal((n, 16, 16, 4)).astype(np.float32)
     s = Sampler(model, vae, dino, SamplerConfig(num_inference_steps=1))

@@ -15,25 +15,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, KILL_AT = 14, 4, 10
 
 
-# The killed run: the loop's own `train`, with an `on_step` callback that kills the process with no cleanup (like
-# a lost host) after step KILL_AT's checkpoint save was started.
+# The killed run: the loop's own `train`, with an `on_step` callback that sends the process a signal after step
+# KILL_AT: SIGKILL (no cleanup, like a lost host; an asynchronous save may be in flight) or SIGTERM (a preemption:
+# the loop checkpoints that step and stops; handled as `imagpose train` handles it).
 KILLED = """
 import os, signal, sys
 from imagpose_jax.train.config import load_config
-from imagpose_jax.train.loop import train
-config, workdir, kill_at, *overrides = sys.argv[1:]
+from imagpose_jax.train.loop import Interrupted, train
+config, workdir, kill_at, sig, *overrides = sys.argv[1:]
 def kill(step):
     if step == int(kill_at):
-        os.kill(os.getpid(), signal.SIGKILL)
-train(load_config(config, overrides), workdir, progress=False, on_step=kill)
+        os.kill(os.getpid(), getattr(signal, sig))
+try:
+    train(load_config(config, overrides), workdir, progress=False, on_step=kill)
+except Interrupted as err:
+    print(err, file=sys.stderr)
+    sys.exit(128 + err.signum)
 """
 COMMON = (f"steps={STEPS}", f"train.checkpoint_every={EVERY}", "ema=True", "optim.learning_rate=1e-3")
 
 
-def run_train(workdir: str, env: dict, *extra: str, kill_at: int = 0) -> subprocess.CompletedProcess:
+def run_train(workdir: str, env: dict, *extra: str, kill_at: int = 0, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
     config = os.path.join(ROOT, "configs/stage2.py:tiny")
     if kill_at:
-        cmd = [sys.executable, "-c", KILLED, config, workdir, str(kill_at), *COMMON, *extra]
+        cmd = [sys.executable, "-c", KILLED, config, workdir, str(kill_at), sig, *COMMON, *extra]
     else:
         cmd = [sys.executable, "-m", "imagpose_jax.train", "--config", config, "--workdir", workdir, "--no-progress",
                *(f"--config.{o}" for o in COMMON + extra)]
@@ -61,11 +66,17 @@ def env():
     return dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's compilation cache is inherited
 
 
-def test_kill_and_resume_is_bit_exact(tmp_path, env):
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    a = run_train(straight, env, f"train.sample_every={STEPS // 2}")  # sampling leaves training alone
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, env):
+    """The uninterrupted run (with sample grids: sampling leaves training alone) -> (workdir, summary)."""
+    work = str(tmp_path_factory.mktemp("straight"))
+    a = run_train(work, env, f"train.sample_every={STEPS // 2}")
     assert a.returncode == 0, a.stderr[-3000:]
-    straight_summary = json.loads(a.stdout[a.stdout.index("{"):])
+    return work, json.loads(a.stdout[a.stdout.index("{"):])
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path, env, straight):
+    (straight, straight_summary), killed = straight, str(tmp_path / "killed")
     for step in (STEPS // 2, STEPS):
         assert os.path.isfile(os.path.join(straight, "samples", f"step_{step}.png"))
     assert straight_summary["sample_traces"] == 1, "the sample grids' sampler was traced again"
@@ -84,3 +95,45 @@ def test_kill_and_resume_is_bit_exact(tmp_path, env):
     assert pa.keys() == pc.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
+
+
+def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, env, straight):
+    """SIGTERM after step 6 (checkpoints every 4): the loop finishes that step, saves step 6 and exits 143 with one
+    line; the rerun's first step is 7 and its losses are those of the uninterrupted run."""
+    straight, stopped = straight[0], str(tmp_path / "stopped")
+    r = run_train(stopped, env, kill_at=6, sig="SIGTERM")
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "stopped by SIGTERM after step 6" in r.stderr.strip().splitlines()[-1]
+    assert not os.path.isdir(os.path.join(stopped, "export"))
+    c = run_train(stopped, env)
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert json.loads(c.stdout[c.stdout.index("{"):])["start_step"] == 6
+    la, lc = losses(straight), losses(stopped)
+    assert [la[s] for s in sorted(la)] == [lc[s] for s in sorted(lc)]
+
+
+def test_nonfinite_loss_stops_without_saving_nonfinite_weights(tmp_path, env):
+    """learning rate 1e6: the loss goes non-finite; those updates are skipped, the run stops after max_nonfinite in a
+    row with one line naming the step and the last good checkpoint, exit 1, no export; every checkpoint is finite and
+    metrics.jsonl is strict JSON. (Before: NaN checkpoints rotated out the good ones, a NaN export, exit 0.)"""
+    work = str(tmp_path / "nan")
+    r = run_train(work, env, "optim.learning_rate=1e6", "steps=40", "train.checkpoint_every=2")
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "not finite for 5 steps in a row" in last and "last good checkpoint: step" in last, last
+    assert not os.path.isdir(os.path.join(work, "export"))
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        records = [strict(line) for line in f]
+    assert any(r["loss"] is None for r in records)
+    from imagpose_jax.checkpoint.train_state import restore_params
+    from imagpose_jax.models.imagpose import IMAGPose
+    from imagpose_jax.models.init import abstract
+    from imagpose_jax.train import config as tc
+    from flax import nnx
+    from train_fixtures import tiny_config
+    like = nnx.state(abstract(lambda k: IMAGPose(tc.model_config(tiny_config(2)), rngs=k)), nnx.Param)
+    params = restore_params(os.path.join(work, "checkpoints"), like)
+    assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(params))

@@ -146,6 +146,57 @@ def load_openpose_json(path: str | os.PathLike, *, min_confidence: float = 0.0) 
     return kp
 
 
+def openpose_canvas(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The (width, height) an OpenPose JSON's keypoints are in (`canvas_width`/`canvas_height`, as `imagpose pose`
+    writes them), or None when the file does not say."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    w, h = (data.get("canvas_width"), data.get("canvas_height")) if isinstance(data, dict) else (None, None)
+    if w is None or h is None:
+        return None
+    if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
+        raise ValueError(f"OpenPose JSON {os.fspath(path)!r}: canvas {w}x{h} is not a positive size")
+    return int(w), int(h)
+
+
+NORMALIZED_SLACK = 0.1   # normalised keypoints may lie this far outside [0, 1] (a foot just out of frame)
+MIN_VISIBLE = 3          # fewer keypoints than this on the canvas is not a pose
+
+
+def keypoints_to_view(keypoints, height: int, width: int, *, frame: tuple[int, int] | None = None,
+                      source: str = "keypoints") -> np.ndarray:
+    """(18, 2) keypoints -> (18, 2) pixels of a height x width view, -1 where missing or off the view.
+
+    The frame the keypoints are in, in this order:
+      * normalised: every visible coordinate within [-0.1, 1.1] (`NORMALIZED_SLACK`) -> fractions of the view;
+      * `frame` = (W, H): the pixels of the image they were taken from (the JSON's canvas, or the source photo),
+        scaled to the view exactly as that image is resized to it (independently in x and y);
+      * otherwise they must already be view pixels: a point beyond the view is then an error, not a silent crop.
+    A point is missing when non-finite or below -0.5 in either coordinate (-1 marks missing). Fewer than
+    `MIN_VISIBLE` points on the view is an error naming `source`."""
+    kp = np.asarray(keypoints, np.float64)
+    if kp.shape != (NUM_KEYPOINTS, 2):
+        raise ValueError(f"{source}: keypoints must have shape (18, 2) (OpenPose body order), got {kp.shape}")
+    visible = np.isfinite(kp).all(-1) & (kp > -0.5).all(-1)
+    v = kp[visible]
+    if v.size and v.min() >= -NORMALIZED_SLACK and v.max() <= 1 + NORMALIZED_SLACK:
+        out = kp * (width, height)
+    elif frame is not None:
+        fw, fh = frame
+        out = kp * (width / fw, height / fh)
+    else:
+        if v.size and (v[:, 0].max() >= width + 0.5 or v[:, 1].max() >= height + 0.5):
+            raise ValueError(f"{source}: keypoints reach ({v[:, 0].max():.0f}, {v[:, 1].max():.0f}), beyond the "
+                             f"{width}x{height} view, and their frame is unknown: give the JSON its canvas_width / "
+                             f"canvas_height (as `imagpose pose` writes), or the photo they come from")
+        out = kp.copy()
+    on_view = visible & (out[:, 0] >= -0.5) & (out[:, 0] < width + 0.5) & (out[:, 1] >= -0.5) & (out[:, 1] < height + 0.5)
+    if on_view.sum() < MIN_VISIBLE:
+        raise ValueError(f"{source}: only {int(on_view.sum())} of 18 keypoints are visible on the {width}x{height} "
+                         f"view (at least {MIN_VISIBLE} are needed for a pose)")
+    return np.where(on_view[:, None], out, -1.0).astype(np.float32)
+
+
 def _parse_int_list(text: str, what: str) -> list[int]:
     """Parse one DeepFashion list field such as ``"[25, 37, -1]"``."""
     try:

@@ -36,6 +36,11 @@ class IMAGPoseConfig:
     def embed_dim(self) -> int:
         return self.unet.cross_attention_dim
 
+    @property
+    def latent_channels(self) -> int:
+        """The VAE latents' channels: what the UNet predicts, and what the patch embedding reads."""
+        return self.unet.out_channels
+
     def replace(self, **kw) -> IMAGPoseConfig:
         return dataclasses.replace(self, **kw)
 
@@ -47,8 +52,9 @@ class IMAGPoseConfig:
         if pg.get("conditioning_embedding_channels", unet.block_out_channels[0]) != unet.block_out_channels[0]:
             raise ValueError("pose guider output channels must equal the UNet's first block channels")
         pc = case.get("patch_config", {})
-        if pc.get("in_chans", 4) != 4 or pc.get("embed_dim", unet.cross_attention_dim) != unet.cross_attention_dim:
-            raise ValueError(f"patch embedding must map 4 latent channels to cross_attention_dim "
+        if (pc.get("in_chans", unet.out_channels) != unet.out_channels
+                or pc.get("embed_dim", unet.cross_attention_dim) != unet.cross_attention_dim):
+            raise ValueError(f"patch embedding must map the {unet.out_channels} latent channels to cross_attention_dim "
                              f"{unet.cross_attention_dim}, got {pc}")
         return cls(unet=unet, pose_guider_channels=tuple(pg.get("block_out_channels", cls.pose_guider_channels)),
                    patch_size=pc.get("patch_size", 16))
@@ -57,7 +63,8 @@ class IMAGPoseConfig:
         return {"unet_config": self.unet.to_dict(),
                 "pose_guider_config": {"conditioning_embedding_channels": self.unet.block_out_channels[0],
                                        "block_out_channels": list(self.pose_guider_channels)},
-                "patch_config": {"patch_size": self.patch_size, "in_chans": 4, "embed_dim": self.embed_dim}}
+                "patch_config": {"patch_size": self.patch_size, "in_chans": self.latent_channels,
+                                 "embed_dim": self.embed_dim}}
 
 
 def slot_mask(known: jax.Array, height: int, width: int) -> jax.Array:
@@ -100,7 +107,7 @@ class IMAGPose(nnx.Module):
         self.cfg = cfg
         self.unet = UNet(cfg.unet, rngs=rngs, dtype=dtype)
         self.pose_guider = PoseGuider(cfg.unet.block_out_channels[0], 3, cfg.pose_guider_channels, rngs=rngs, dtype=dtype)
-        self.patch = PatchEmbed(cfg.patch_size, 4, cfg.embed_dim, rngs=rngs, dtype=dtype)
+        self.patch = PatchEmbed(cfg.patch_size, cfg.latent_channels, cfg.embed_dim, rngs=rngs, dtype=dtype)
 
     def pose_features(self, pose_grid: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
         """pose_grid (B, f h, f w, 3) -> (B, h, w, C0) for latents of size `latent_hw` = (h, w), where f is the

@@ -8,7 +8,7 @@ from imagpose_jax.models.layers import conv
 
 
 class PatchEmbed(nnx.Module):
-    def __init__(self, patch_size: int = 16, in_chans: int = 4, embed_dim: int = 768, *, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, rngs: nnx.Rngs, dtype=None):
         self.patch_size = patch_size
         self.proj = conv(in_chans, embed_dim, patch_size, stride=patch_size, padding="VALID", rngs=rngs, dtype=dtype)
 

@@ -45,18 +45,21 @@ def load_pipeline_models(folder: str | os.PathLike, dtype=None):
     return model, vae, dino
 
 
-def pose_view(pose, height: int, width: int) -> np.ndarray:
-    """A pose as a rendered image (path/PIL/uint8 array) or 18 keypoints ((18, 2) pixels of an HxW canvas, or in
-    [0, 1]) -> (H, W, 3) float32 in [0, 1]."""
+def pose_view(pose, height: int, width: int, *, frame: tuple[int, int] | None = None) -> np.ndarray:
+    """A pose -> its rendering on a height x width view, (H, W, 3) float32 in [0, 1].
+
+    `pose`: a rendered pose image (path, PIL image or uint8 array; resized to the view), an OpenPose JSON path or
+    (18, 2) keypoints. Keypoints are placed by `data.pose.keypoints_to_view`: a JSON's own canvas size, else
+    `frame` (W, H) (the source photo the pose belongs to), else normalised or view pixels."""
+    from imagpose_jax.data.pose import keypoints_to_view, load_openpose_json, openpose_canvas
+    source = "keypoints"
     if isinstance(pose, (str, os.PathLike)) and os.fspath(pose).lower().endswith(".json"):
-        from imagpose_jax.data.pose import load_openpose_json
+        source = os.fspath(pose)
+        frame = openpose_canvas(pose) or frame
         pose = load_openpose_json(pose)
     if isinstance(pose, np.ndarray) and pose.ndim == 2:
-        if pose.shape != (18, 2):
-            raise ValueError(f"keypoints must have shape (18, 2) (OpenPose body order), got {pose.shape}")
-        valid = pose[(pose >= 0).all(-1)]
-        normalized = valid.size > 0 and valid.max() <= 1.0
-        return render_pose(pose, height, width, normalized=normalized).astype(np.float32) / 255.0
+        kp = keypoints_to_view(pose, height, width, frame=frame, source=source)
+        return render_pose(kp, height, width).astype(np.float32) / 255.0
     image = load_image(pose) if isinstance(pose, (str, os.PathLike)) else as_rgb_image(pose)
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
@@ -103,7 +106,7 @@ class IMAGPosePipeline:
         layouts = plan_layouts(len(sources), len(target_poses))
         src_images = [load_image(s) if isinstance(s, (str, os.PathLike)) else as_rgb_image(s) for s in sources]
         src = [vae_preprocess(im, (h, w)) for im in src_images]
-        src_p = [pose_view(p, h, w) for p in source_poses]
+        src_p = [pose_view(p, h, w, frame=im.size) for p, im in zip(source_poses, src_images)]
         tgt_p = [pose_view(p, h, w) for p in target_poses]
         ref_hw = (h, w) if self.cfg.patch_reference == "view" else (2 * h, 2 * w)
         examples = [make_example(*compose(layout, src, src_p, tgt_p), layout.known, src_images[0], ref_size=ref_hw,

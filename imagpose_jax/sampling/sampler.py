@@ -8,6 +8,7 @@ stacked) `IMAGPose.denoise` at every step -> the VAE decode.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -41,7 +42,10 @@ class SamplerConfig:
         if self.patch_reference not in ("view", "grid"):
             raise ValueError(f"patch_reference must be 'view' or 'grid', got {self.patch_reference!r}")
         if self.num_inference_steps < 1:
-            raise ValueError("num_inference_steps must be at least 1")
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 or less: no guidance), "
+                             f"got {self.guidance_scale}")
 
     @classmethod
     def original_inference(cls, **kw) -> SamplerConfig:

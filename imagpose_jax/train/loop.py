@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -51,7 +53,8 @@ class MetricWriter:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        strict = {k: v if math.isfinite(v) else None for k, v in values.items()}   # strict JSON: NaN/inf as null
+        self.jsonl.write(json.dumps({"step": step, **strict}, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
@@ -73,6 +76,52 @@ class MetricWriter:
                 self.tb.close()
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or gradient was not finite for `train.max_nonfinite` steps in a row (those updates were skipped)."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM / SIGINT (a preemption, Ctrl-C): the step in flight finished and a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint of step {step} "
+                         f"was saved: the same command resumes from it")
+        self.step, self.signum = step, signum
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only set `received` (the loop stops after the step in flight)."""
+
+    def __init__(self):
+        self.received, self._old = 0, {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _preempted(step: int) -> bool:
+    """On a multi-host run, whether the cluster's preemption notice reached every host at this step (JAX's
+    preemption sync point: all hosts stop at the same step)."""
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:   # no preemption service in this cluster
+        return False
+
+
 def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """(graphdef, sharded state, shardings): random init (jitted, sharded), then the pretrained weights."""
     graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
@@ -82,7 +131,12 @@ def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           on_step: Callable[[int], None] | None = None) -> dict:
     """Trains `c.steps` steps (resuming from the latest checkpoint in `workdir`); returns a summary.
-    `on_step(step)` is called after each step's logging, checkpoint and samples (a hook for callers and tests)."""
+    `on_step(step)` is called after each step's logging, checkpoint and samples (a hook for callers and tests).
+
+    Raises `NonFiniteError` after `c.train.max_nonfinite` non-finite steps in a row (nothing non-finite is saved or
+    exported), and `Interrupted` on SIGTERM / SIGINT once the step in flight is checkpointed."""
+    if c.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {c.steps}")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -104,45 +158,62 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     samples = SampleWriter(c, graphdef, sample_examples(c, workdir) if c.train.sample_every else [], workdir, writer)
     bar = _progress(progress, start, c.steps)
     pending, last_log, losses = [], time.perf_counter(), []
-    first_step_s = None
-    try:
-        for step in range(start + 1, c.steps + 1):
-            t_step = time.perf_counter()
-            batch = host_batch_to_global(next(iterator), mesh)
-            state, metrics = step_fn(state, batch)
-            pending.append((step, metrics))
-            if first_step_s is None:
-                jax.block_until_ready(metrics["loss"])
-                first_step_s = time.perf_counter() - t_step
-            if step % c.train.log_every == 0 or step == c.steps:
-                now = time.perf_counter()
-                rate = len(pending) / max(now - last_log, 1e-9)
-                for s, m in jax.device_get(pending):
-                    values = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "steps_per_s": rate}
-                    writer.scalars(s, values)
-                    losses.append(values["loss"])
-                writer.flush()
-                pending, last_log = [], now
+    first_step_s, nonfinite_run, skipped_nonfinite = None, 0, 0
+    with _StopSignals() as signals:
+        try:
+            for step in range(start + 1, c.steps + 1):
+                t_step = time.perf_counter()
+                batch = host_batch_to_global(next(iterator), mesh)
+                state, metrics = step_fn(state, batch)
+                pending.append((step, metrics))
+                if first_step_s is None:
+                    jax.block_until_ready(metrics["loss"])
+                    first_step_s = time.perf_counter() - t_step
+                if step % c.train.log_every == 0 or step == c.steps:
+                    now = time.perf_counter()
+                    rate = len(pending) / max(now - last_log, 1e-9)
+                    for s, m in jax.device_get(pending):
+                        values = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "steps_per_s": rate}
+                        writer.scalars(s, values)
+                        losses.append(values["loss"])
+                        nonfinite_run = 0 if bool(m["finite"]) else nonfinite_run + 1
+                        skipped_nonfinite += not bool(m["finite"])
+                        if not bool(m["finite"]):
+                            logging.warning("step %d: loss %s, gradient norm %s: not finite, update skipped", s,
+                                            values["loss"], values["grad_norm"])
+                    writer.flush()
+                    if nonfinite_run >= c.train.max_nonfinite:
+                        raise NonFiniteError(
+                            f"step {step}: the loss or gradient was not finite for {nonfinite_run} steps in a row (updates "
+                            f"skipped, parameters unchanged since); last good checkpoint: step {ckpt.latest_step() or 'none'} "
+                            f"in {ckpt.directory}. Lower optim.learning_rate, or check the data")
+                    pending, last_log = [], now
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{losses[-1]:.4f}", steps_per_s=f"{rate:.2f}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", steps_per_s=f"{rate:.2f}")
+                    bar.update(1)
+                if step % c.train.checkpoint_every == 0 or step == c.steps:
+                    ckpt.save(step, state, iterator)
+                if c.train.sample_every and (step % c.train.sample_every == 0 or step == c.steps):
+                    samples(state, step)
+                if on_step is not None:
+                    on_step(step)
+                if signals.received or _preempted(step):
+                    if not (step % c.train.checkpoint_every == 0 or step == c.steps):
+                        ckpt.save(step, state, iterator)
+                    ckpt.wait()
+                    raise Interrupted(step, signals.received or signal.SIGTERM)
+        finally:
+            ckpt.close()
+            writer.close()
             if bar is not None:
-                bar.update(1)
-            if step % c.train.checkpoint_every == 0 or step == c.steps:
-                ckpt.save(step, state, iterator)
-            if c.train.sample_every and (step % c.train.sample_every == 0 or step == c.steps):
-                samples(state, step)
-            if on_step is not None:
-                on_step(step)
-    finally:
-        ckpt.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
+                bar.close()
     export_dir = export(c, graphdef, state, workdir)
     return {"start_step": start, "steps": c.steps, "init_s": round(init_s, 2),
             "first_step_s": None if first_step_s is None else round(first_step_s, 2),
             "final_loss": losses[-1] if losses else None, "export": export_dir,
-            "skipped_corrupt": iterator.skipped_corrupt, "traces": step_fn.traces, "sample_traces": samples.traces}
+            "skipped_corrupt": iterator.skipped_corrupt, "skipped_nonfinite": skipped_nonfinite,
+            "traces": step_fn.traces, "sample_traces": samples.traces}
 
 
 def _progress(enabled: bool, start: int, total: int):

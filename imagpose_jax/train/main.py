@@ -50,8 +50,15 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from imagpose_jax.sharding.distributed import initialize_distributed
     initialize_distributed(fv.distributed)
-    from imagpose_jax.train.loop import train
-    summary = train(fv.config, fv.workdir, progress=fv.progress)
+    from imagpose_jax.train.loop import Interrupted, NonFiniteError, train
+    try:
+        summary = train(fv.config, fv.workdir, progress=fv.progress)
+    except Interrupted as err:
+        print(f"imagpose train: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except NonFiniteError as err:
+        print(f"imagpose train: error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -25,7 +25,7 @@ class EmaParam(nnx.Variable):
 def make_tx(learning_rate: float, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.01,
             eps: float = 1e-8, clip_norm: float = 1.0, schedule: str = "constant", warmup_steps: int = 0,
             total_steps: int = 0) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW. schedule "constant" (the original's, spec section 6) or "cosine" (decay
+    """Global-norm clipping then AdamW, skipped on a non-finite gradient (`optax.apply_if_finite`). schedule "constant" (the original's, spec section 6) or "cosine" (decay
     to 0.1 x `learning_rate` at `total_steps`, for short runs); either after a linear warm-up of `warmup_steps`."""
     if schedule == "constant":
         lr = learning_rate
@@ -38,8 +38,10 @@ def make_tx(learning_rate: float, b1: float = 0.9, b2: float = 0.999, weight_dec
         lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, 0.1 * learning_rate)
     else:
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    # A non-finite gradient skips the whole update (zero updates, moments and step count kept): the parameters never
+    # become non-finite. The loop stops the run after `train.max_nonfinite` such steps in a row.
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
 
 class TrainState(nnx.Module):

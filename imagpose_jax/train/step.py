@@ -9,7 +9,8 @@ Per step, all inside one XLA program (the state is donated), as a composition of
   `loss_and_grads`:        `IMAGPose.condition` -> `Condition.keep` -> `loss.diffusion_loss` (min-SNR-weighted
                            v-prediction MSE through `IMAGPose.denoise`), differentiated for the stage's trainable
                            parameters only; the golden `train_loss` cases run this same function
-  clipped AdamW update (`state.make_tx`); optional EMA of the trainable parameters.
+  clipped AdamW update (`state.make_tx`; skipped when the gradient is not finite); optional EMA of the
+  trainable parameters.
 
 Mixed precision: the state holds fp32 master weights; with compute_dtype bfloat16 every model's
 parameters are cast to bf16 inside the step (the cast is inside the differentiated function, so
@@ -154,7 +155,9 @@ class TrainStep:
             for (_, e), (_, p) in zip(nnx.to_flat_state(ts.ema), new, strict=True):
                 e.set_value(cfg.ema_decay * e.get_value() + (1.0 - cfg.ema_decay) * p.get_value())
         ts.rng.set_value(rng)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "step": ts.optimizer.step.get_value()}
+        grad_norm = optax.global_norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "step": ts.optimizer.step.get_value(),
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}   # False: the update was skipped
         return nnx.state(ts), metrics
 
 
