@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("demo", "main job: synthetic data -> training -> the 3 scenarios, scored (see imagpose demo --help)"),
                        ("train", "train one stage from a config file (see imagpose train --help)"),
                        ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)"),
+                       ("aot", "compile a training stage for a TPU topology on this machine (see imagpose aot --help)"),
                        ("evaluate", "score a folder of generated images against their targets (see imagpose evaluate --help)"),
                        ("pose", "OpenPose JSON and pose images from photos, with DWPose (see imagpose pose --help)")):
         sub.add_parser(name, help=text, add_help=False)
@@ -122,6 +123,9 @@ def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["evaluate"]:
         from imagpose_jax.metrics.folders import main as evaluate_main
         return evaluate_main(argv[1:])
+    if argv[:1] == ["aot"]:
+        from imagpose_jax.train.aot import main as aot_main
+        return aot_main(argv[1:])
     if argv[:1] == ["pose"]:
         from imagpose_jax.pose_extract import main as pose_main
         return pose_main(argv[1:])

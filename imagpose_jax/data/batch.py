@@ -43,6 +43,20 @@ def as_batch(batch) -> Batch:
     return Batch(**{f: batch[f] for f in Batch._fields})
 
 
+def batch_spec(batch_size: int, height: int, width: int, *, ref_size: tuple[int, int] | None = None,
+               sharding=None) -> Batch:
+    """The shapes and dtypes of a `Batch` of `batch_size` grids of height x width views (the reference at `ref_size`,
+    default one view), as `jax.ShapeDtypeStruct`s with `sharding` (e.g. `sharding.batch_sharding(mesh)`)."""
+    import jax
+    from imagpose_jax.preprocess import CLIP_SIZE
+    rh, rw = ref_size or (height, width)
+    shapes = {"grid": ((2 * height, 2 * width, 3), np.float32), "known": ((NUM_SLOTS,), np.bool_),
+              "pose_grid": ((2 * height, 2 * width, 3), np.float32), "ref_pixels": ((rh, rw, 3), np.float32),
+              "dino_pixels": ((CLIP_SIZE, CLIP_SIZE, 3), np.float32)}
+    return Batch(**{f: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
+                    for f, (shape, dtype) in shapes.items()})
+
+
 def to_signed(images: np.ndarray) -> np.ndarray:
     """uint8 images -> float32 in [-1, 1], with `preprocess.vae_preprocess`'s arithmetic (x / 255, then 2x - 1)."""
     return 2.0 * (np.asarray(images).astype(np.float32) / 255.0) - 1.0

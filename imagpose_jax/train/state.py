@@ -62,10 +62,21 @@ def _ema_copy(params: nnx.State) -> nnx.State:
     return jax.tree.map(lambda v: EmaParam(v.get_value()), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def init_train_state(build: Callable[[], TrainState], mesh: Mesh,
-                     rules: Rules = PARTITION_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """`build()` (constructing models with `ParamKeys`, never `nnx.Rngs`) -> (graphdef, sharded state, shardings)."""
+def abstract_train_state(build: Callable[[], TrainState], mesh: Mesh,
+                         rules: Rules = PARTITION_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`build()` traced without allocating -> (graphdef, the state as `jax.ShapeDtypeStruct`s carrying their
+    shardings, the shardings). What `init_train_state` allocates, and what `TrainStep.lower` compiles for (also for
+    devices this host does not have, e.g. a TPU topology)."""
     graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
     shardings = state_shardings(abstract_state, mesh, rules)
+    spec = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    return graphdef, spec, shardings
+
+
+def init_train_state(build: Callable[[], TrainState], mesh: Mesh,
+                     rules: Rules = PARTITION_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`build()` (constructing models with `ParamKeys`, never `nnx.Rngs`) -> (graphdef, sharded state, shardings):
+    `abstract_train_state`, then the construction once under `jax.jit` with those output shardings."""
+    graphdef, _, shardings = abstract_train_state(build, mesh, rules)
     state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
     return graphdef, state, shardings

@@ -136,6 +136,11 @@ class TrainStep:
     def __call__(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
         return self._jit(state, as_batch(batch))
 
+    def lower(self, state: nnx.State, batch: Batch) -> jax.stages.Lowered:
+        """The step lowered for `state` and `batch` as arrays or `jax.ShapeDtypeStruct`s (`state.abstract_train_state`,
+        `data.batch.batch_spec`): `.compile()` gives the program `__call__` runs, on devices this host may not have."""
+        return self._jit.lower(state, as_batch(batch))
+
     def _step(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
         self.traces += 1
         cfg, dtype = self.cfg, DTYPES[self.cfg.compute_dtype]

@@ -1,0 +1,170 @@
+"""`imagpose aot`: compile the real train step for a Cloud TPU topology on this (CPU-only) machine and report what
+it needs per chip, before any pod is rented.
+
+  imagpose aot --config configs/stage3.py --topology v5e:4x4 [--slices N] [--config.KEY=VALUE ...]
+
+The program is the one `imagpose train` runs: the same config and overrides, `load_config` -> `state_builder` ->
+`abstract_train_state` (partition rules, mesh from the config) -> `TrainStep` (remat, dtypes, donation) ->
+`TrainStep.lower(state spec, batch spec).compile()`, with the devices of the topology (`jax.experimental.topologies`,
+the `libtpu` wheel of the `tpu-aot` extra). XLA's memory analysis gives the per-chip bytes and the cost analysis the
+FLOPs; a program over the chip's HBM is an error naming the bytes needed and available.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int
+    peak_bf16_flops: float   # per chip, dense
+    chip_config: str | None = None   # topologies' chip_config_name (v4 / v5p: "megacore")
+
+
+# Cloud TPU's published per-chip figures.
+CHIPS = {"v4": Chip(32 * GIB, 275e12, "megacore"), "v5e": Chip(16 * GIB, 197e12), "v5litepod": Chip(16 * GIB, 197e12),
+         "v5p": Chip(95 * GIB, 459e12, "megacore"), "v6e": Chip(32 * GIB, 918e12)}
+
+
+class DoesNotFit(RuntimeError):
+    """The compiled program needs more HBM per chip than the chip has."""
+
+
+def topology_devices(topology: str, slices: int = 1):
+    """'v5e:4x4' -> the TPU devices of that slice (`slices` of them: a multi-slice topology), and the chip."""
+    from jax.experimental import topologies
+    kind = topology.partition(":")[0]
+    if kind not in CHIPS:
+        raise ValueError(f"unknown TPU generation {kind!r} in {topology!r}; known: {sorted(CHIPS)}")
+    chip = CHIPS[kind]
+    kw = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=slices, **kw)
+    except Exception as err:   # noqa: BLE001 - libtpu's errors name the problem; re-raised with the topology
+        raise ValueError(f"cannot describe TPU topology {topology!r} ({slices} slice(s)): {err} (is the libtpu wheel "
+                         f"installed? pip install -e '.[tpu-aot]')") from err
+    return list(topo.devices), chip
+
+
+def _bytes(tree) -> int:
+    import jax
+    import numpy as np
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def compile_train_step(c, devices, chip: Chip) -> dict:
+    """The train step of config `c` compiled for `devices` -> a per-chip report (bytes, FLOPs, step time at peak);
+    `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`."""
+    import jax
+    from flax import nnx
+
+    from imagpose_jax.data.batch import batch_spec
+    from imagpose_jax.sharding import batch_sharding, make_mesh
+    from imagpose_jax.train import config as tc
+    from imagpose_jax.train.state import abstract_train_state
+    from imagpose_jax.train.step import TrainStep
+
+    mesh = make_mesh(**c.mesh.to_dict(), devices=devices)
+    graphdef, state, shardings = abstract_train_state(tc.state_builder(c), mesh)
+    step = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
+                     batch_sharding=batch_sharding(mesh))
+    d = c.data
+    if d.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"data.batch_size {d.batch_size} does not split over the mesh's data x fsdp = "
+                         f"{mesh.shape['data']} x {mesh.shape['fsdp']} batch shards")
+    batch = batch_spec(d.batch_size, d.height, d.width, sharding=batch_sharding(mesh))
+    try:
+        compiled = step.lower(state, batch).compile()
+    except Exception as err:   # noqa: BLE001 - XLA reports an HBM overflow at compile time
+        if "RESOURCE_EXHAUSTED" in str(err) or "exceed" in str(err).lower():
+            raise DoesNotFit(f"XLA: the train step does not fit in {chip.hbm_bytes / GIB:.2f} GiB per chip: "
+                             f"{str(err).splitlines()[0][:600]}") from err
+        raise
+    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    ts = nnx.State(state) if not isinstance(state, nnx.State) else state
+    params = _bytes(nnx.filter_state(ts["model"], nnx.Param))
+    frozen = _bytes(ts["vae"]) + _bytes(ts["dino"])
+    opt = _bytes(ts["optimizer"]) + (_bytes(ts["ema"]) if ts.get("ema") is not None else 0)
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                                           - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
+    flops = float(cost.get("flops", 0.0))
+    step_s = flops / chip.peak_bf16_flops if flops else None
+    text = compiled.as_text()
+    report = {
+        "devices": len(devices), "mesh": dict(mesh.shape), "batch_size": d.batch_size, "views": f"{d.height}x{d.width}",
+        "per_chip": {"params_bytes": params, "frozen_encoders_bytes": frozen, "optimizer_bytes": opt,
+                     "batch_bytes": _bytes(batch), "argument_bytes": int(mem.argument_size_in_bytes),
+                     "temp_bytes": int(mem.temp_size_in_bytes), "peak_bytes": peak, "hbm_bytes": chip.hbm_bytes,
+                     "flops": flops, "step_s_at_peak": step_s},
+        "examples_per_s_at_100_mfu": d.batch_size / step_s if step_s else None,
+        "examples_per_s_at_40_mfu": 0.4 * d.batch_size / step_s if step_s else None,
+        "tpu_custom_calls": text.count('custom_call_target="tpu_custom_call"'),
+        "remat": bool(c.step.remat), "compute_dtype": c.step.compute_dtype,
+    }
+    return report
+
+
+def check_fits(report: dict) -> None:
+    """DoesNotFit naming the bytes needed and available when the report's peak exceeds the chip's HBM."""
+    p = report["per_chip"]
+    if p["peak_bytes"] > p["hbm_bytes"]:
+        raise DoesNotFit(f"the train step needs {p['peak_bytes'] / GIB:.2f} GiB per chip, the chip has "
+                         f"{p['hbm_bytes'] / GIB:.2f} GiB (short by {(p['peak_bytes'] - p['hbm_bytes']) / GIB:.2f} GiB): "
+                         f"shard more (--config.mesh.fsdp), lower --config.data.batch_size or turn on --config.step.remat")
+
+
+def format_report(r: dict) -> str:
+    p = r["per_chip"]
+    g = lambda b: f"{b / GIB:.3f} GiB"   # noqa: E731
+    lines = [f"{r['devices']} chips, mesh {r['mesh']}, global batch {r['batch_size']} of {r['views']} views, "
+             f"{r['compute_dtype']}, remat {r['remat']}",
+             f"per chip: params {g(p['params_bytes'])}, frozen VAE + DINOv2 {g(p['frozen_encoders_bytes'])}, optimizer "
+             f"(+ EMA) {g(p['optimizer_bytes'])}, batch {g(p['batch_bytes'])}",
+             f"          temporaries {g(p['temp_bytes'])}, peak {g(p['peak_bytes'])} of {g(p['hbm_bytes'])} HBM",
+             f"FLOPs per chip per step {p['flops']:.3e} (Pallas kernels not counted); TPU custom calls "
+             f"{r['tpu_custom_calls']}"]
+    if p["step_s_at_peak"]:
+        lines.append(f"step time at peak {p['step_s_at_peak'] * 1e3:.3g} ms: {r['examples_per_s_at_100_mfu']:.1f} "
+                     f"examples/s at 100% MFU, {r['examples_per_s_at_40_mfu']:.1f} at 40%")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from absl import flags
+    from imagpose_jax.train.config import config_flag_values
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
+
+    def define(fv):
+        flags.DEFINE_string("topology", None, "a Cloud TPU topology, e.g. v5e:4x4, v5p:2x2x1, v4:2x2x1", flag_values=fv)
+        flags.DEFINE_integer("slices", 1, "number of slices (multi-slice)", flag_values=fv)
+        flags.DEFINE_string("json", None, "also write the report here", flag_values=fv)
+    try:
+        fv = config_flag_values(argv, define, prog="imagpose aot")
+    except (flags.Error, FileNotFoundError, ValueError, AttributeError, KeyError) as err:
+        raise SystemExit(f"imagpose aot: error: {err}") from None
+    if fv.config is None or not fv.topology:
+        raise SystemExit("imagpose aot: error: --config and --topology are required")
+    devices, chip = topology_devices(fv.topology, fv.slices)
+    try:
+        report = compile_train_step(fv.config, devices, chip)
+        check_fits(report)
+    except DoesNotFit as err:
+        raise SystemExit(f"imagpose aot: {fv.topology}: {err}") from None
+    print(f"{fv.topology} ({fv.slices} slice(s)), {fv.config.get('stage')}: " + format_report(report))
+    if fv.json:
+        with open(fv.json, "w") as f:
+            json.dump({"topology": fv.topology, "slices": fv.slices, **report}, f, indent=1)
+    return 0
