@@ -64,7 +64,6 @@ def _bytes(tree) -> int:
 def compile_train_step(c, devices, chip: Chip) -> dict:
     """The train step of config `c` compiled for `devices` -> a per-chip report (bytes, FLOPs, step time at peak);
     `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`."""
-    import jax
     from flax import nnx
 
     from imagpose_jax.data.batch import batch_spec
