@@ -30,6 +30,7 @@ import pytest
 from convert_weights.core import ConversionError, load_torch_file, save_torch_file
 from imagpose_jax.metrics import (activation_statistics, evaluate_pairs, fid_from_features, frechet_distance,
                                   inception_features, l1, load_inception, load_lpips, lpips_distance, psnr, ssim)
+from ref_site import cache_root, private_site
 
 LPIPS_VERSION, PYTORCH_FID_VERSION = "0.1.4", "0.3.0"
 SSIM_TOL = 1e-5
@@ -138,35 +139,11 @@ def _torchvision_spec() -> str:
     return f"torchvision==0.{minor + 15}.*"            # torch 2.13 <-> torchvision 0.28
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagpose-jax"
-
-
 def reference_site() -> Path:
     """The private folder holding torchvision, lpips and pytorch-fid (installed on first use)."""
-    env = os.environ.get("IMAGPOSE_METRICS_REF_SITE")
-    if env == "off":
-        pytest.skip("IMAGPOSE_METRICS_REF_SITE=off: no torchvision/lpips/pytorch-fid reference")
-    if env:
-        if not (Path(env) / "lpips").is_dir():
-            pytest.skip(f"IMAGPOSE_METRICS_REF_SITE={env} holds no lpips/torchvision/pytorch-fid install")
-        return Path(env)
     specs = [_torchvision_spec(), f"lpips=={LPIPS_VERSION}", f"pytorch-fid=={PYTORCH_FID_VERSION}"]
-    cache = cache_root()
-    site = cache / ("metrics-ref-" + "-".join(s.replace("==", "").replace("*", "x") for s in specs))
-    if (site / "lpips").is_dir():
-        return site
-    tmp = cache / f".{site.name}.{os.getpid()}"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-                           "--target", str(tmp), *specs], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.skip(f"could not install the LPIPS/FID reference ({' '.join(specs)}) into a private folder: "
-                    f"{proc.stderr.strip()[-500:]}")
-    try:
-        os.replace(tmp, site)
-    except OSError:        # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return site
+    return private_site("IMAGPOSE_METRICS_REF_SITE",
+                        "metrics-ref-" + "-".join(s.replace("==", "").replace("*", "x") for s in specs), specs, ("lpips",))
 
 
 REFERENCE = r'''

@@ -15,7 +15,6 @@ original's (IMAGPose's dwpose, DWPose's onnxpose.py) their minimum, so the subpr
 score combination for the minimum. Offline (or IMAGPOSE_POSE_REF_SITE=off) those comparisons skip.
 """
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from PIL import Image
 
 from imagpose_jax.data import dwpose
 from imagpose_jax.data.pose import KEYPOINT_NAMES, load_openpose_json, render_pose
+from ref_site import private_site
 
 ort = pytest.importorskip("onnxruntime", reason="the DWPose backend runs on onnxruntime")
 
@@ -124,34 +124,10 @@ def _photo(bright: bool = True) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # The reference: rtmlib (+ OpenCV) in a subprocess.
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagpose-jax"
-
-
 def reference_site() -> Path:
-    env = os.environ.get("IMAGPOSE_POSE_REF_SITE")
-    if env == "off":
-        pytest.skip("IMAGPOSE_POSE_REF_SITE=off: no rtmlib/OpenCV reference")
-    if env:
-        if not (Path(env) / "rtmlib").is_dir():
-            pytest.skip(f"IMAGPOSE_POSE_REF_SITE={env} holds no rtmlib/OpenCV install")
-        return Path(env)
     specs = [f"rtmlib=={RTMLIB_VERSION}", f"opencv-python-headless=={OPENCV_VERSION}"]
-    site = _cache_root() / f"pose-ref-rtmlib{RTMLIB_VERSION}-opencv{OPENCV_VERSION}"
-    if (site / "rtmlib").is_dir() and (site / "cv2").is_dir():
-        return site
-    tmp = site.parent / f".{site.name}.{os.getpid()}"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-                           "--target", str(tmp), *specs], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        pytest.skip(f"could not install the rtmlib reference ({' '.join(specs)}) into a private folder: "
-                    f"{proc.stderr.strip()[-500:]}")
-    try:
-        os.replace(tmp, site)
-    except OSError:        # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return site
+    return private_site("IMAGPOSE_POSE_REF_SITE", f"pose-ref-rtmlib{RTMLIB_VERSION}-opencv{OPENCV_VERSION}", specs,
+                        ("rtmlib", "cv2"))
 
 
 REFERENCE = r'''

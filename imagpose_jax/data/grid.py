@@ -50,21 +50,19 @@ class Layout:
         return len({i for kind, i in self.slots if kind == SOURCE})
 
     def sources(self) -> list[tuple[int, int]]:
-        """(slot, source index) of each source, each once (at its first slot)."""
-        seen, out = set(), []
-        for s, (kind, i) in enumerate(self.slots):
-            if kind == SOURCE and i not in seen:
-                seen.add(i)
-                out.append((s, i))
-        return out
+        """(slot, source index) of each source, each once (a repeated source counts at its first slot)."""
+        return self._first(SOURCE)
 
     def targets(self) -> list[tuple[int, int]]:
         """(slot, target index) of each generated slot, each target once (a repeated target counts at its first slot)."""
+        return self._first(TARGET)
+
+    def _first(self, kind: str) -> list[tuple[int, int]]:
         seen, out = set(), []
-        for s, (kind, j) in enumerate(self.slots):
-            if kind == TARGET and j not in seen:
-                seen.add(j)
-                out.append((s, j))
+        for s, (k, i) in enumerate(self.slots):
+            if k == kind and i not in seen:
+                seen.add(i)
+                out.append((s, i))
         return out
 
 
