@@ -14,6 +14,7 @@ moments, step, RNG key and data position, so its losses continue exactly as an u
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from imagpose_jax.checkpoint.folder import PipelineFolder, atomic_folder
 from imagpose_jax.checkpoint.train_state import TrainCheckpointer
 from imagpose_jax.sharding import batch_sharding, host_batch_to_global, make_mesh
 from imagpose_jax.train import config as tc
@@ -168,7 +170,8 @@ def ema_params(ts) -> nnx.State:
 
 
 def export(c: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: nnx.State, workdir: str) -> str:
-    """Parameter folders for inference: denoiser/ (+ denoiser_ema/), vae/, image_encoder/."""
+    """Parameter folders for inference: denoiser/ (+ denoiser_ema/), vae/, image_encoder/, written whole into
+    workdir/export/ (a rerun replaces its export; an interrupted write leaves the previous one)."""
     from imagpose_jax.checkpoint.params import save_params
     ts = nnx.merge(graphdef, state)
     out = os.path.join(workdir, "export")
@@ -177,10 +180,12 @@ def export(c: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: nnx.Stat
              "image_encoder": (c.dino.to_dict(), nnx.state(ts.dino, nnx.Param))}
     if ts.ema is not None:
         parts["denoiser_ema"] = (parts["denoiser"][0], ema_params(ts))
-    for name, (config, params) in parts.items():
-        host = jax.tree.map(_host, params)
-        if jax.process_index() == 0:
-            save_params(os.path.join(out, name), config, host)
+    writer = atomic_folder(out, overwrite=True) if jax.process_index() == 0 else contextlib.nullcontext()
+    with writer as tmp:
+        for name, (config, params) in parts.items():
+            host = jax.tree.map(_host, params)  # every process takes part (a gather of sharded arrays)
+            if tmp is not None:
+                save_params(getattr(PipelineFolder(tmp), name), config, host)
     return out
 
 
