@@ -26,6 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine_info, table, write_result
+from imagpose_jax.checkpoint.folder import PipelineFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
                 write = [py, "-m", "convert_weights.random_weights", "--size", a.size, "--out", str(src)]
                 convert = [py, "-m", "convert_weights", "pipeline", "--unet", str(src / "denoising_unet-0.pth"),
                            "--pose-guider", str(src / "pose_guider-0.pth"), "--patch", str(src / "patch-0.pth"),
-                           "--vae", str(src / "vae"), "--image-encoder", str(src / "image_encoder"),
+                           "--vae", PipelineFolder(src).vae, "--image-encoder", PipelineFolder(src).image_encoder,
                            "--config", str(src / "config.json"), "--out", str(dst)]
             elif which == "sd15":
                 if a.size != "sd15":

@@ -14,6 +14,10 @@
 a golden case.json); without it the full-size IMAGPose (SD1.5 + CVA) is assumed. A `--vae` is a diffusers folder
 or a single file (a whole SD checkpoint, or a standalone VAE file); `--unet-config` / `--vae-config` give a single
 file's diffusers config (config.json or its folder), by default SD1.5's.
+
+Every `--out` folder is written whole: into `<out>.tmp-<pid>` beside it, renamed to `<out>` when complete (a
+conversion killed half-way leaves the old folder, or none). An existing non-empty `--out` is refused unless
+`--overwrite` is given; then it is replaced whole (no file of the old folder survives).
 """
 from __future__ import annotations
 
@@ -101,12 +105,14 @@ def convert_pipeline(args) -> None:
     params.safetensors). Loading it needs no PyTorch."""
     from convert_weights.dinov2 import load_dinov2
     from imagpose_jax.checkpoint import save_params
-    convert_imagpose(argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "denoiser")}))
-    convert_vae(argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "vae")}))
+    from imagpose_jax.checkpoint.folder import PipelineFolder
+    out = PipelineFolder(args.out)
+    convert_imagpose(argparse.Namespace(**{**vars(args), "out": out.denoiser}))
+    convert_vae(argparse.Namespace(**{**vars(args), "out": out.vae}))
     _, model = load_dinov2(args.image_encoder)
     with open(os.path.join(args.image_encoder, "config.json")) as f:
         config = json.load(f)
-    save_params(os.path.join(args.out, "image_encoder"), config, nnx.state(model, nnx.Param))
+    save_params(out.image_encoder, config, nnx.state(model, nnx.Param))
 
 
 def convert_vae(args) -> None:
@@ -118,7 +124,7 @@ def convert_vae(args) -> None:
     save_params(args.out, config, nnx.state(model, nnx.Param))
 
 
-def export(args) -> None:
+def export(args) -> list[str]:
     from convert_weights.imagpose import export_imagpose
     from imagpose_jax.checkpoint.params import load_params, read_config
     from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
@@ -128,7 +134,7 @@ def export(args) -> None:
     paths = export_imagpose(load_params(args.params, abstract), cfg, args.out, args.step)
     with open(f"{args.out}/config.json", "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)
-    print("\n".join(paths.values()))
+    return [os.path.basename(p) for p in paths.values()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--step", type=int, default=0, help="N in denoising_unet-N.pth")
     c.set_defaults(fn=export)
+    for sp in (a, b, e, d, v, c):
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder (whole)")
     return p
 
 
@@ -191,8 +199,15 @@ def main(argv=None) -> int:
     if not log.handlers:
         log.setLevel(logging.INFO)
         log.addHandler(logging.StreamHandler())
+    from imagpose_jax.checkpoint.folder import atomic_folder
     t0 = time.perf_counter()
-    args.fn(args)
+    try:
+        with atomic_folder(args.out, overwrite=args.overwrite) as tmp:  # written beside --out, swapped in when done
+            written = args.fn(argparse.Namespace(**{**vars(args), "out": tmp}))
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
+    for name in written or ():
+        print(os.path.join(args.out, name))
     print(f"{args.cmd}: done in {time.perf_counter() - t0:.1f}s -> {args.out}", file=sys.stderr)
     return 0
 

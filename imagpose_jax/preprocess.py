@@ -5,6 +5,11 @@
   CLIP mean/std); `squash_to_224=True` first squashes the image to 224x224 as the original inference does.
 - `vae_preprocess`: the VAE input, exactly diffusers' `VaeImageProcessor().preprocess` for a PIL image
   (PIL resize, Lanczos by default, x/255 in float32, 2x - 1), but NHWC instead of NCHW.
+- `to_rgb`: any PIL image -> 8-bit RGB, the one conversion every image read goes through (`load_image`,
+  `as_rgb_image`, the data pipeline): 16-bit images are scaled to 8 bits (PIL's `convert("RGB")` clips them, a
+  16-bit photo turning almost all white), and transparent images (RGBA, LA, PA, palette images with a
+  transparent colour) are composited over `BACKDROP`, the near-white studio backdrop of DeepFashion and of the
+  synthetic data (`data/synthetic.py`), instead of showing whatever colour the transparent pixels hold.
 """
 from __future__ import annotations
 
@@ -16,28 +21,43 @@ from PIL import Image
 CLIP_SIZE = 224
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+BACKDROP = (240, 240, 240)  # RGB under transparent pixels: near-white, as DeepFashion's and the synthetic backdrops
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit integer pixels, read as 16-bit (PNG, TIFF)
 RESAMPLE = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode -> 8-bit RGB: 16-bit gray scaled by 255/65535 (rounded), transparency composited
+    over `BACKDROP`, everything else (L, 1, P, CMYK, YCbCr, ...) by PIL's own conversion. Always a new,
+    loaded image (safe to keep after the file is closed)."""
+    if image.mode in _SIXTEEN_BIT:
+        x = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((x * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.has_transparency_data:  # an alpha band (RGBA, LA, PA, ...) or a transparent colour (P, L, RGB)
+        back = Image.new("RGBA", image.size, BACKDROP + (255,))
+        return Image.alpha_composite(back, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Reads an image file as an RGB PIL image; errors name the file."""
+    """Reads an image file as an RGB PIL image (`to_rgb`); errors name the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
-    """A PIL image (converted to RGB) or a uint8 (H, W, 3) array -> an RGB PIL image."""
+    """A PIL image (converted by `to_rgb`) or a uint8 (H, W, 3) array -> an RGB PIL image."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"expected a uint8 (H, W, 3) image array, got {image.dtype} {image.shape}")
         return Image.fromarray(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.mode == "RGB" else to_rgb(image)
 
 
 def clip_preprocess(image: Image.Image | np.ndarray, *, squash_to_224: bool = False) -> np.ndarray:

@@ -9,13 +9,22 @@ Saves are asynchronous (the train loop goes on while arrays are written), keep t
 atomic (orbax writes a temporary folder and renames it when complete: a run killed mid-save leaves the last
 complete step as the latest).
 
+Faults: `restore_latest` falls back past an unreadable newest checkpoint (truncated or zeroed files) to the newest
+one that reads back, with one warning, and moves the damaged step aside to `<step>.corrupt` (kept, no longer
+listed); a save that fails (a full disk) raises one `CheckpointError` naming the step and removes orbax's
+temporary folder.
+
 Restoring takes an abstract target whose leaves carry shardings (`jax.ShapeDtypeStruct(..., sharding=...)`),
 so a checkpoint written on one mesh restores onto another (a different device count or layout).
 `restore_params` reads only the model's (or the EMA's) parameters, for inference or a next stage.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -25,6 +34,31 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 STATE, DATA = "state", "data"
+CORRUPT = ".corrupt"  # a damaged step's folder is renamed <step>.corrupt
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read back; the message names the folder and step."""
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+    """orbax logs a failed background save once per thread involved, each at ERROR with a full traceback (300 lines
+    for one full disk); keep its one-line messages and drop the tracebacks: the CheckpointError raised says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_NO_ORBAX_TRACEBACKS = _NoOrbaxTracebacks()
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """An error as one short line (tensorstore's messages carry whole specs)."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(err).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
 
 
 def _is_key(x) -> bool:
@@ -71,6 +105,9 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
+        self._pending, self._failed = None, False  # the last save started; whether a save failed
+        if _NO_ORBAX_TRACEBACKS not in logging.getLogger("absl").filters:  # orbax logs through absl's logger
+            logging.getLogger("absl").addFilter(_NO_ORBAX_TRACEBACKS)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -82,13 +119,39 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    @contextlib.contextmanager
+    def _saving(self, step: int | None):
+        """A failed save of `step` -> one CheckpointError naming it, after removing orbax's temporary folders."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions
+            self._failed = True
+            logging.debug("checkpoint save failed", exc_info=err)
+            with contextlib.suppress(Exception):
+                self.manager.close()  # lets orbax's threads still writing the failed step finish
+            self._remove_tmp()
+            steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+            raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed ({_first_line(err)}); "
+                                  f"the newest complete checkpoint is step {steps[-1] if steps else None}") from None
+
+    def _remove_tmp(self) -> None:
+        """Removes orbax's temporary folders (`<step>.orbax-checkpoint-tmp*`) of a failed save."""
+        if jax.process_index() == 0:
+            for tmp in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
+                shutil.rmtree(tmp, ignore_errors=True)
+
     def save(self, step: int, state: nnx.State, iterator: grain.DatasetIterator | None = None, *,
              force: bool = False) -> bool:
-        """Starts saving `state` (and the iterator's position) as `step`; returns whether a save started."""
+        """Starts saving `state` (and the iterator's position) as `step`; returns whether a save started.
+        Raises CheckpointError if this save, or the previous (asynchronous) one, failed."""
         items = {STATE: ocp.args.StandardSave(to_savable(state.to_pure_dict()))}
         if iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # the previous save (orbax waits for it anyway)
+        with self._saving(step):
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._pending = step if started else None
+        return started
 
     def restore(self, step: int | None, state_like: nnx.State, shardings: nnx.State,
                 iterator: grain.DatasetIterator | None = None) -> nnx.State:
@@ -107,12 +170,68 @@ class TrainCheckpointer:
         nnx.replace_by_pure_dict(out, pure)
         return out
 
+    def restore_latest(self, state_like: nnx.State, shardings: nnx.State,
+                       iterator: grain.DatasetIterator | None = None) -> tuple[int, nnx.State]:
+        """(step, state) of the newest checkpoint that reads back; (0, `state_like`) when there is none.
+
+        Unreadable newer steps are skipped with one warning naming them and renamed to `<step>.corrupt` (kept
+        for inspection, no longer listed). If no step reads back (e.g. every one was written by another model
+        config), a CheckpointError lists each step's error and nothing is renamed.
+        """
+        failed = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, state_like, shardings, iterator)
+            except Exception as err:  # noqa: BLE001 - a damaged checkpoint raises anything (tensorstore, json, ...)
+                logging.debug("checkpoint step %d unreadable", step, exc_info=err)
+                failed.append((step, err))
+                continue
+            if failed:
+                aside = self._set_aside([s for s, _ in failed])
+                logging.warning("unreadable checkpoint in %s: %s; resuming from step %d (kept aside as %s)",
+                                self.directory, "; ".join(f"step {s}: {_first_line(e)}" for s, e in failed), step,
+                                ", ".join(aside))
+            return step, state
+        if failed:
+            raise CheckpointError(f"no checkpoint in {self.directory} reads back: " +
+                                  "; ".join(f"step {s}: {_first_line(e)}" for s, e in failed))
+        return 0, state_like
+
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Renames each step's folder to `<step>.corrupt` (or `<step>.corrupt-N`); the new names."""
+        names = []
+        for step in steps:
+            src = os.path.join(self.directory, str(step))
+            dst, n = src + CORRUPT, 1
+            while os.path.lexists(dst):
+                dst, n = f"{src}{CORRUPT}-{n}", n + 1
+            names.append(os.path.basename(dst))
+            if jax.process_index() == 0 and os.path.isdir(src):
+                os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("imagpose-checkpoint-set-aside")
+        self.manager.reload()
+        return names
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight; CheckpointError if it failed."""
+        with self._saving(self._pending):
+            self.manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """`wait()`, then closes (quietly after a failed save, already reported)."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            if self._failed:
+                with contextlib.suppress(Exception):
+                    self.manager.close()
+                self._remove_tmp()  # again: a thread of the failed save may have outlived the first removal
+            else:
+                self.manager.close()
 
 
 def restore_params(directory: str | os.PathLike, abstract_params: nnx.State, *, step: int | None = None,

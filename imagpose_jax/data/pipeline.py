@@ -54,9 +54,10 @@ class Crop:
 
 
 def _open_rgb(path: str) -> Image.Image:
+    from imagpose_jax.preprocess import to_rgb  # 16-bit scaled, transparency over the backdrop
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptImageError(path, f"{type(err).__name__}: {err}") from err
 

@@ -24,24 +24,21 @@ from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
 
 def load_pipeline_models(folder: str | os.PathLike, dtype=None):
     """(IMAGPose model, VAE, DINOv2) from a converted pipeline folder."""
+    from imagpose_jax.checkpoint.folder import PipelineFolder
     from imagpose_jax.checkpoint.params import load_model, load_params, read_config
     from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
     from imagpose_jax.models.init import abstract
     from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
     from flax import nnx
 
-    folder = os.fspath(folder)
-    for sub in ("denoiser", "vae", "image_encoder"):
-        if not os.path.isdir(os.path.join(folder, sub)):
-            raise FileNotFoundError(f"missing weights: {os.path.join(folder, sub)} (a converted pipeline folder has "
-                                    f"denoiser/, vae/ and image_encoder/; make one with `imagpose-convert pipeline`)")
-    model, _ = load_model(os.path.join(folder, "denoiser"), dtype=dtype)
-    vcfg = VAEConfig.from_dict(read_config(os.path.join(folder, "vae")))
+    folder = PipelineFolder(folder).check()
+    model, _ = load_model(folder.denoiser, dtype=dtype)
+    vcfg = VAEConfig.from_dict(read_config(folder.vae))
     vae = abstract(lambda k: AutoencoderKL(vcfg, rngs=k, dtype=dtype))
-    nnx.update(vae, load_params(os.path.join(folder, "vae"), nnx.state(vae, nnx.Param)))
-    dcfg = Dinov2Config.from_dict(read_config(os.path.join(folder, "image_encoder")))
+    nnx.update(vae, load_params(folder.vae, nnx.state(vae, nnx.Param)))
+    dcfg = Dinov2Config.from_dict(read_config(folder.image_encoder))
     dino = abstract(lambda k: Dinov2Model(dcfg, rngs=k, dtype=dtype))
-    nnx.update(dino, load_params(os.path.join(folder, "image_encoder"), nnx.state(dino, nnx.Param)))
+    nnx.update(dino, load_params(folder.image_encoder, nnx.state(dino, nnx.Param)))
     return model, vae, dino
 
 

@@ -14,6 +14,7 @@ moments, step, RNG key and data position, so its losses continue exactly as an u
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from imagpose_jax.checkpoint.folder import PipelineFolder, atomic_folder
 from imagpose_jax.checkpoint.train_state import TrainCheckpointer
 from imagpose_jax.sharding import batch_sharding, host_batch_to_global, make_mesh
 from imagpose_jax.train import config as tc
@@ -147,9 +149,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     iterator = train_iterator(c, workdir, mesh)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep,
                              async_save=c.train.async_checkpoint)
-    start = ckpt.latest_step() or 0
+    start, state = ckpt.restore_latest(state, shardings, iterator)   # past an unreadable newest checkpoint
     if start:
-        state = ckpt.restore(start, state, shardings, iterator)
         logging.info("resumed from step %d", start)
     init_s = time.perf_counter() - t0
     step_fn = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
@@ -239,7 +240,8 @@ def ema_params(ts) -> nnx.State:
 
 
 def export(c: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: nnx.State, workdir: str) -> str:
-    """Parameter folders for inference: denoiser/ (+ denoiser_ema/), vae/, image_encoder/."""
+    """Parameter folders for inference: denoiser/ (+ denoiser_ema/), vae/, image_encoder/, written whole into
+    workdir/export/ (a rerun replaces its export; an interrupted write leaves the previous one)."""
     from imagpose_jax.checkpoint.params import save_params
     ts = nnx.merge(graphdef, state)
     out = os.path.join(workdir, "export")
@@ -248,10 +250,12 @@ def export(c: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: nnx.Stat
              "image_encoder": (c.dino.to_dict(), nnx.state(ts.dino, nnx.Param))}
     if ts.ema is not None:
         parts["denoiser_ema"] = (parts["denoiser"][0], ema_params(ts))
-    for name, (config, params) in parts.items():
-        host = jax.tree.map(_host, params)
-        if jax.process_index() == 0:
-            save_params(os.path.join(out, name), config, host)
+    writer = atomic_folder(out, overwrite=True) if jax.process_index() == 0 else contextlib.nullcontext()
+    with writer as tmp:
+        for name, (config, params) in parts.items():
+            host = jax.tree.map(_host, params)  # every process takes part (a gather of sharded arrays)
+            if tmp is not None:
+                save_params(getattr(PipelineFolder(tmp), name), config, host)
     return out
 
 
