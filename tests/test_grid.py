@@ -48,3 +48,15 @@ def test_compose_blacks_out_unknown_slots():
     assert views.shape == pose_views.shape == (4, h, w, 3)
     assert (views[:3] == 0.5).all() and (views[3] == -1).all()
     assert (pose_views[:3] == 0.25).all() and (pose_views[3] == 0.75).all()
+
+
+def test_view_multiple_is_sd15_unets():
+    """VIEW_MULTIPLE (the data pipeline's check) is the SD1.5 UNet's own: three halvings, quadrants for the CVA,
+    8 pixels per latent."""
+    from imagpose_jax.data.grid import VIEW_MULTIPLE, view_multiple
+    from imagpose_jax.models.init import abstract
+    from imagpose_jax.models.unet import UNet
+    from imagpose_jax.models.unet_config import UNetConfig
+    from imagpose_jax.models.vae import VAEConfig
+    unet = abstract(lambda k: UNet(UNetConfig(use_cva=True), rngs=k))
+    assert view_multiple(unet.grid_multiple, VAEConfig().downscale_factor) == VIEW_MULTIPLE == 64

@@ -44,7 +44,8 @@ def test_compiled_once_and_batch_independent(pipe):
 def test_pipeline_input_errors(pipe, tmp_path):
     img = np.zeros((70, 50, 3), np.uint8)
     kp = np.full((18, 2), 10.0)
-    with pytest.raises(ValueError, match="not a multiple of 64"):
+    assert pipe.sampler.view_multiple == 16             # the tiny UNet: two levels, quadrants; 8 pixels per latent
+    with pytest.raises(ValueError, match="not a multiple of 16"):
         pipe.prepare([img], [kp], [kp], (100, 64))
     with pytest.raises(ValueError, match="1 source image.*2 source pose"):
         pipe.prepare([img], [kp, kp], [kp], (64, 64))

@@ -9,13 +9,20 @@ from dataclasses import dataclass
 import numpy as np
 
 NUM_SLOTS = 4
+# SD1.5's: `view_multiple(UNet.grid_multiple = 16 latents, VAE factor 8)` (tests/test_grid.py checks the tie).
 VIEW_MULTIPLE = 64
 
 
-def check_view_size(height: int, width: int) -> None:
-    if height <= 0 or width <= 0 or height % VIEW_MULTIPLE or width % VIEW_MULTIPLE:
-        raise ValueError(f"view size {height}x{width} is not a multiple of {VIEW_MULTIPLE}: the UNet halves the latent "
-                         f"grid three times and cross-view attention splits each level into quadrants")
+def view_multiple(grid_multiple: int, vae_factor: int) -> int:
+    """A view's pixels must be a multiple of this: the grid (two views a side) is `grid_multiple` latents of
+    `vae_factor` pixels."""
+    return grid_multiple * vae_factor // 2
+
+
+def check_view_size(height: int, width: int, multiple: int = VIEW_MULTIPLE) -> None:
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"view size {height}x{width} is not a multiple of {multiple}: the UNet halves the latent "
+                         f"grid once per level and cross-view attention splits each level into quadrants")
 
 
 def tile(views: np.ndarray) -> np.ndarray:

@@ -85,10 +85,10 @@ class TemporalTransformerBlock(nnx.Module):
 
 class TemporalTransformer(nnx.Module):
     def __init__(self, channels: int, heads: int, num_layers: int, num_attention_blocks: int, *, pos_encoding: bool,
-                 dim_div: int = 1, rngs: nnx.Rngs, dtype=None):
+                 norm_num_groups: int, dim_div: int = 1, rngs: nnx.Rngs, dtype=None):
         dim_head = channels // heads // dim_div
         inner = heads * dim_head
-        self.norm = group_norm(channels, 32, 1e-6, rngs=rngs, dtype=dtype)
+        self.norm = group_norm(channels, norm_num_groups, 1e-6, rngs=rngs, dtype=dtype)   # eps as AnimateDiff's
         self.proj_in = linear(channels, inner, rngs=rngs, dtype=dtype)
         self.transformer_blocks = nnx.List([
             TemporalTransformerBlock(inner, heads, dim_head, num_attention_blocks, pos_encoding=pos_encoding,
@@ -111,7 +111,9 @@ class CrossViewAttention(nnx.Module):
     def __init__(self, channels: int, *, num_attention_heads: int = 8, num_transformer_block: int = 1,
                  attention_block_types=("Temporal_Self", "Temporal_Self"), temporal_position_encoding: bool = True,
                  temporal_position_encoding_max_len: int = 32, temporal_attention_dim_div: int = 1,
-                 rngs: nnx.Rngs, dtype=None):
+                 norm_num_groups: int = 32, rngs: nnx.Rngs, dtype=None):
+        """The keyword arguments are AnimateDiff's motion-module settings (`motion_module_kwargs`), with its defaults:
+        `norm_num_groups` is its TemporalTransformer3DModel's GroupNorm."""
         for t in attention_block_types:
             if t != "Temporal_Self":
                 raise NotImplementedError(f"CVA attention block type {t!r} is not supported (only 'Temporal_Self')")
@@ -120,7 +122,8 @@ class CrossViewAttention(nnx.Module):
         self.pe_max_len = temporal_position_encoding_max_len
         self.temporal_transformer = TemporalTransformer(
             channels, num_attention_heads, num_transformer_block, len(attention_block_types),
-            pos_encoding=temporal_position_encoding, dim_div=temporal_attention_dim_div, rngs=rngs, dtype=dtype)
+            pos_encoding=temporal_position_encoding, norm_num_groups=norm_num_groups, dim_div=temporal_attention_dim_div,
+            rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, H, W, C) grid features -> (B, H, W, C)."""

@@ -97,7 +97,7 @@ class IMAGPosePipeline:
     def _prepare(self, sources, source_poses, target_poses, view_size):
         sources, source_poses, target_poses = (_as_list(x) for x in (sources, source_poses, target_poses))
         h, w = view_size
-        check_view_size(h, w)
+        check_view_size(h, w, self.sampler.view_multiple)
         if len(sources) != len(source_poses):
             raise ValueError(f"{len(sources)} source image(s) but {len(source_poses)} source pose(s): give one pose per source")
         layouts = plan_layouts(len(sources), len(target_poses))

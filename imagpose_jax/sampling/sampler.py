@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagpose_jax.data.batch import Batch, as_batch
+from imagpose_jax.data.grid import view_multiple
 from imagpose_jax.models.encode import encode
 from imagpose_jax.schedulers import make_scheduler
 from imagpose_jax.schedulers.common import NOISE_SCHEDULE
@@ -69,6 +70,7 @@ class Sampler:
         self.cfg = cfg
         self.scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_inference_steps)
         self.vae_cfg = vae.cfg
+        self.view_multiple = view_multiple(model.unet.grid_multiple, vae.cfg.downscale_factor)  # pixels a view side
         self.traces = 0  # how many times the program was traced (compiled): once per input shape
         self.mesh = None
         if jax.local_device_count() > 1:
