@@ -37,7 +37,10 @@ class DoesNotFit(RuntimeError):
 
 def topology_devices(topology: str, slices: int = 1):
     """'v5e:4x4' -> the TPU devices of that slice (`slices` of them: a multi-slice topology), and the chip."""
+    import os
     from jax.experimental import topologies
+    # Only compiling: no TPU is opened, so another process holding libtpu's lock (another compile) is no conflict.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kind = topology.partition(":")[0]
     if kind not in CHIPS:
         raise ValueError(f"unknown TPU generation {kind!r} in {topology!r}; known: {sorted(CHIPS)}")
