@@ -23,7 +23,10 @@ TORCH = [
 # scikit-image: the SSIM/PSNR reference. The LPIPS/FID references (torchvision, lpips, pytorch-fid) are
 # deliberately absent: PyPI's torchvision is a CUDA build whose import fails next to the CPU torch, and
 # then breaks `transformers` too; tests/test_metrics.py installs them into a private folder instead.
-TEST = TORCH + ["pytest>=8,<10", "scikit-image>=0.24,<0.27"]
+# jax[tpu]: libtpu at the version pinned for the installed jax (0.10.2: libtpu 0.0.42.*), so that
+# tests/test_tpu_compile.py compiles for TPU topologies on CPU-only machines. The tests still run on the CPU
+# (tests/conftest.py sets JAX_PLATFORMS=cpu); libtpu is loaded only by `jax.experimental.topologies`.
+TEST = TORCH + ["pytest>=8,<10", "scikit-image>=0.24,<0.27", "jax[tpu]>=0.7,<0.11; sys_platform == 'linux'"]
 # The optional TFDS builder of DeepFashion's manual download (imagpose_jax/data/tfds_deepfashion.py). Builds and
 # reads array_record files without TensorFlow; tfds 4.9 imports importlib_resources without declaring it.
 TFDS = ["tensorflow-datasets>=4.9.9,<4.10", "importlib_resources>=5"]
