@@ -26,9 +26,13 @@ TORCH = [
 # `imagpose pose`: DWPose's two ONNX files (the original's person detector and whole-body model) on onnxruntime.
 # No OpenCV: its resize/warpAffine are reproduced in NumPy (imagpose_jax/data/dwpose.py).
 POSE = ["onnxruntime>=1.16,<2"]
+# `imagpose aot`: jax[tpu] brings libtpu at the version pinned for the installed jax (0.10.2: libtpu 0.0.42.*), to
+# compile for TPU topologies on CPU-only machines. The tests still run on the CPU (tests/conftest.py sets
+# JAX_PLATFORMS=cpu); libtpu is loaded only by `jax.experimental.topologies`.
+TPU_AOT = ["jax[tpu]>=0.7,<0.11; sys_platform == 'linux'"]
 # onnx: torch.onnx.export of the stand-in DWPose files in tests/test_pose_extract.py. That test's reference,
 # rtmlib, needs OpenCV: it installs rtmlib and opencv-python-headless into a private folder instead.
-TEST = TORCH + POSE + ["pytest>=8,<10", "scikit-image>=0.24,<0.27", "onnx>=1.16,<2"]
+TEST = TORCH + POSE + TPU_AOT + ["pytest>=8,<10", "scikit-image>=0.24,<0.27", "onnx>=1.16,<2"]
 # The optional TFDS builder of DeepFashion's manual download (imagpose_jax/data/tfds_deepfashion.py). Builds and
 # reads array_record files without TensorFlow; tfds 4.9 imports importlib_resources without declaring it.
 TFDS = ["tensorflow-datasets>=4.9.9,<4.10", "importlib_resources>=5"]
@@ -40,7 +44,7 @@ setup(
     packages=find_packages(include=["imagpose_jax", "imagpose_jax.*", "convert_weights", "convert_weights.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"torch": TORCH, "test": TEST, "tfds": TFDS, "pose": POSE},
+    extras_require={"torch": TORCH, "test": TEST, "tfds": TFDS, "pose": POSE, "tpu-aot": TPU_AOT},
     entry_points={"console_scripts": [
         "imagpose=imagpose_jax.cli:main",
         "imagpose-convert=convert_weights.cli:main",

@@ -138,3 +138,16 @@ def test_unet_config_reaches_the_kernels(monkeypatch):
     unet = abstract(lambda k: UNet(cfg, rngs=k))
     impls = {m.impl for _, m in nnx.iter_graph(unet) if isinstance(m, Attention)}
     assert impls == {"chunked:64"}
+
+
+def test_splash_bfloat16_gradients_at_highest_precision():
+    """bf16 splash (interpret mode), forward and backward, under the tests' `jax_default_matmul_precision=
+    "highest"`, which Mosaic on a TPU rejects for 16-bit operands: the kernel is traced at default precision."""
+    assert jax.config.jax_default_matmul_precision == "highest"
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in qkv(1, 128, 128, 2, 32, seed=5))
+    loss = lambda impl: lambda q, k, v: (dot_product_attention(q, k, v, impl).astype(jnp.float32) ** 2).sum()  # noqa: E731
+    g = jax.jit(jax.grad(loss("splash"), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.grad(loss("einsum"), argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+    for a, b in zip(g, g_ref):  # bf16 rounding: about 0.6% of the largest entry, as for einsum in bf16
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.02 * np.abs(b).max())

@@ -13,10 +13,17 @@ every name a model was built with (it is read when a program is traced):
 - "xla":     `jax.nn.dot_product_attention(implementation="xla")`;
 - "cudnn":   cuDNN flash attention (GPU; fp16/bf16, head dim a multiple of 8);
 - "splash":  the Pallas splash-attention kernel (TPU; elsewhere it runs in Pallas interpret mode, good for tests
-             only). Needs Lq and Lk multiples of 128; other shapes fall back to "xla";
+             only). Needs Lq and Lk multiples of 128; other shapes fall back to "xla". Mosaic kernels are not
+             partitioned by XLA, so on a mesh of more than one device the kernel runs inside a `shard_map` over
+             all the mesh's axes: batch split over its ('data', 'fsdp') axes as far as they divide B, heads over
+             'tensor' where it divides H, the rest replicated;
 - "auto":    GPU: "cudnn" where cuDNN takes the dtype and shape (sequences of 64 or more), else "xla";
              TPU: "splash" where the lengths allow, else "xla"; CPU: "chunked" from `CPU_CHUNK_MIN_ELEMENTS`
              logits (B·H·Lq·Lk) up, else "einsum".
+Every choice follows the platform the program is compiled for (`target_platform`), not the process's default
+backend: the platform of the mesh of the surrounding program (`jax.set_mesh`, or the mesh of the inputs'
+shardings under a `jit` with `in_shardings`), `jax.default_backend()` without one. So a program compiled for a
+TPU topology on a CPU-only machine (`jax.experimental.topologies`) holds the TPU kernels.
 The measurements behind these choices: `benchmarks/attention.py`, results in `benchmarks/README.md`. (The CVA's
 attention over 4 views is its own einsum in `cva.py`: at length 4 every form measured the same.)
 """
@@ -28,8 +35,10 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from imagpose_jax.models.layers import linear
+from imagpose_jax.sharding.mesh import BATCH_AXES
 
 IMPLS = ("auto", "einsum", "chunked", "xla", "cudnn", "splash")
 ENV_VAR = "IMAGPOSE_ATTN_IMPL"
@@ -56,18 +65,34 @@ def parse_impl(name: str) -> tuple[str, int | None]:
     return kind, chunk
 
 
+def program_mesh(x: jax.Array | None = None) -> jax.sharding.AbstractMesh | None:
+    """The mesh of the program being traced: the context mesh (`jax.set_mesh`), else the mesh of `x`'s sharding
+    (a `jit` with `in_shardings` on a mesh carries it in the avals, with no context mesh set); None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty and x is not None:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", mesh)
+    return None if mesh.empty else mesh
+
+
+def target_platform(x: jax.Array | None = None) -> str:
+    """"tpu", "gpu" or "cpu": the platform of `program_mesh(x)`'s devices, else `jax.default_backend()`."""
+    mesh = program_mesh(x)
+    return mesh.abstract_device.platform if mesh is not None else jax.default_backend()
+
+
 def resolve_impl(impl: str, q: jax.Array, k: jax.Array, backend: str | None = None) -> tuple[str, int | None]:
     """The concrete (kind, chunk) that `dot_product_attention(q, k, v, impl)` runs, after the
-    `IMAGPOSE_ATTN_IMPL` override and the "auto" choice for this backend and shape."""
+    `IMAGPOSE_ATTN_IMPL` override and the "auto" choice for this shape and `backend` (default: the target
+    platform, `target_platform(q)`)."""
     impl = os.environ.get(ENV_VAR) or impl
     kind, chunk = parse_impl(impl)
     if kind != "auto":
         return kind, chunk
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform(q)
     b, lq, h, d = q.shape
     lk = k.shape[1]
     if backend in ("gpu", "cuda", "rocm"):
-        return ("cudnn" if _cudnn_ok(q, k) else "xla"), None
+        return ("cudnn" if _cudnn_ok(q, k, backend) else "xla"), None
     if backend == "tpu":
         return ("splash" if _splash_blocks(lq, lk) else "xla"), None
     return ("chunked" if b * h * lq * lk >= CPU_CHUNK_MIN_ELEMENTS else "einsum"), None
@@ -81,7 +106,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = 
     if kind == "chunked":
         return _chunked(q, k, v, chunk or default_chunk(k.shape[1]))
     if kind == "splash" and _splash_blocks(q.shape[1], k.shape[1]):
-        return _splash(q, k, v, interpret=jax.default_backend() != "tpu")
+        return _splash(q, k, v, interpret=target_platform(q) != "tpu")
     if kind == "splash":
         kind = "xla"
     return jax.nn.dot_product_attention(q, k, v, implementation=kind)
@@ -134,15 +159,16 @@ def _chunked(q, k, v, chunk: int):
 
 # -- accelerator kernels -------------------------------------------------------------------------------------
 
-def _cudnn_ok(q, k) -> bool:
+def _cudnn_ok(q, k, platform: str = "gpu") -> bool:
     """cuDNN flash attention's conditions (jax's `check_is_flash_attention`): fp16/bf16, head dim a multiple of
-    8 and at most 128 (256 from Hopper on). Sequences shorter than `CUDNN_MIN_LEN` (the CVA's 4 views) are left
-    to XLA: cuDNN works in tiles of 64-128 rows, so they would be mostly padding (a heuristic, not measured)."""
+    8 and at most 128 (256 from Hopper on: the compute capability of this process's `platform` devices, 128
+    where it has none). Sequences shorter than `CUDNN_MIN_LEN` (the CVA's 4 views) are left to XLA: cuDNN works
+    in tiles of 64-128 rows, so they would be mostly padding (a heuristic, not measured)."""
     d = q.shape[-1]
     if q.dtype not in (jnp.bfloat16, jnp.float16) or d % 8 or min(q.shape[1], k.shape[1]) < CUDNN_MIN_LEN:
         return False
     try:
-        cc = float(getattr(jax.devices()[0], "compute_capability", "0"))
+        cc = float(getattr(jax.devices(platform)[0], "compute_capability", "0"))
     except (ValueError, RuntimeError):
         cc = 0.0
     return d <= (256 if cc >= 9.0 else 128)
@@ -168,11 +194,55 @@ def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
 
 
 def _splash(q, k, v, *, interpret: bool):
-    """Splash attention (no mask) per batch element; the kernel takes (H, L, D) and an unscaled softmax."""
+    """Splash attention (no mask), per batch element and, on a mesh, per shard (`shard_map`: Mosaic kernels
+    cannot be partitioned automatically). The kernel takes (H, L, D) and an unscaled softmax."""
+    mesh = program_mesh(q)
+    if mesh is None or mesh.size == 1 or mesh.are_all_axes_manual:
+        return _splash_local(q, k, v, interpret=interpret)
+    b, _, h, _ = q.shape
+    batch, n = [], 1
+    for a in BATCH_AXES:  # as many of the batch axes as divide B
+        if a in mesh.axis_names and b % (n * mesh.shape[a]) == 0:
+            batch.append(a)
+            n *= mesh.shape[a]
+    heads = "tensor" if "tensor" in mesh.axis_names and h % mesh.shape["tensor"] == 0 else None
+    spec = P(tuple(batch) or None, None, heads, None)
+    fn = functools.partial(_splash_local, interpret=interpret)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _splash_local(q, k, v, *, interpret: bool):
     _, lq, h, d = q.shape
     kernel = _splash_kernel(h, lq, k.shape[1], interpret)
     t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
-    return t(jax.vmap(kernel)(t(q * jnp.asarray(d ** -0.5, q.dtype)), t(k), t(v)))
+    fn = jax.vmap(kernel)
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        fn = _at_default_precision(fn)
+    return t(fn(t(q * jnp.asarray(d ** -0.5, q.dtype)), t(k), t(v)))
+
+
+def _at_default_precision(fn):
+    """`fn` with its forward and backward traced at the default matmul precision: Mosaic rejects the fp32
+    contract precision that `jax_default_matmul_precision="highest"` asks of 16-bit operands (whose products
+    are exact in the kernel's fp32 accumulator anyway). The backward of a `custom_vjp` is traced outside any
+    context around the call, hence the wrapper."""
+    default = functools.partial(jax.default_matmul_precision, "default")
+
+    @jax.custom_vjp
+    def f(*args):
+        with default():
+            return fn(*args)
+
+    def fwd(*args):
+        with default():
+            return jax.vjp(fn, *args)
+
+    def bwd(vjp_fn, g):
+        with default():
+            return vjp_fn(g)
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 class Attention(nnx.Module):

@@ -17,11 +17,30 @@ from imagpose_jax.models.transformer import Transformer2DModel
 from imagpose_jax.models.unet_config import CROSS_DOWN, CROSS_UP, UNetConfig
 
 
-class _Block(nnx.Module):
+def _apply(module, *args):
+    return module(*args)
+
+
+class _Remat(nnx.Module):
+    """`self._run(module, *args)` is `module(*args)`, rematerialised in the backward pass with `cfg.remat ==
+    "block"` (`nnx.remat` around the call: the module tree, hence the parameter names, stay the same)."""
+
+    def _set_remat(self, cfg: UNetConfig):
+        self.remat, self.remat_policy = cfg.remat, cfg.remat_policy
+
+    def _run(self, module, *args):
+        if self.remat == "none":
+            return module(*args)
+        policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
+        return nnx.remat(_apply, policy=policy)(module, *args)
+
+
+class _Block(_Remat):
     """Shared layer loop of the down/up blocks: resnet -> (spatial transformer) -> (CVA), per layer."""
 
     def _build(self, cfg: UNetConfig, cins: list[int], cout: int, heads: int, cross: bool, cva: bool,
                only_cross: bool, rngs: nnx.Rngs, dtype):
+        self._set_remat(cfg)
         temb = cfg.block_out_channels[0] * 4
         self.resnets = nnx.List([ResnetBlock2D(c, cout, temb_channels=temb, groups=cfg.norm_num_groups,
                                                eps=cfg.norm_eps, act_fn=cfg.act_fn, rngs=rngs, dtype=dtype) for c in cins])
@@ -32,11 +51,11 @@ class _Block(nnx.Module):
                                         for _ in cins] if cva else [])
 
     def _layer(self, i: int, h: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
-        h = self.resnets[i](h, temb)
+        h = self._run(self.resnets[i], h, temb)
         if len(self.attentions):
-            h = self.attentions[i](h, context)
+            h = self._run(self.attentions[i], h, context)
         if len(self.motion_modules):
-            h = self.motion_modules[i](h)
+            h = self._run(self.motion_modules[i], h)
         return h
 
 
@@ -81,8 +100,9 @@ class UpBlock(_Block):
         return h
 
 
-class MidBlock(nnx.Module):
+class MidBlock(_Remat):
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs, dtype=None):
+        self._set_remat(cfg)
         c = cfg.block_out_channels[-1]
         temb = cfg.block_out_channels[0] * 4
         res = lambda: ResnetBlock2D(c, c, temb_channels=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps,  # noqa: E731
@@ -94,16 +114,20 @@ class MidBlock(nnx.Module):
         self.motion_modules = nnx.List([CrossViewAttention(c, **cfg.cva_kwargs, rngs=rngs, dtype=dtype)] if cfg.cva_in_mid else [])
 
     def __call__(self, h, temb, context):
-        h = self.resnets[0](h, temb)
-        h = self.attentions[0](h, context)
+        h = self._run(self.resnets[0], h, temb)
+        h = self._run(self.attentions[0], h, context)
         if len(self.motion_modules):
-            h = self.motion_modules[0](h)
-        return self.resnets[1](h, temb)
+            h = self._run(self.motion_modules[0], h)
+        return self._run(self.resnets[1], h, temb)
 
 
 class UNet(nnx.Module):
     """SD1.5 UNet; with `cfg.use_cva` a CVA module follows each spatial transformer (and each resnet of the
-    blocks without attention). `pose_features` (B, h, w, C0) are added to the output of `conv_in`."""
+    blocks without attention). `pose_features` (B, h, w, C0) are added to the output of `conv_in`.
+    `cfg.remat="block"` checkpoints each resnet, spatial transformer and CVA module on its own (with
+    `cfg.remat_policy`), so that the backward pass holds one block's activations at a time. Use it instead of,
+    not inside, a remat of the whole call (`StepConfig.remat`): nested, the peak is no lower and each block's
+    forward runs three times instead of two."""
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs, dtype=None):
         self.cfg = cfg

@@ -27,6 +27,8 @@ FIXED = {
     "transformer_layers_per_block": 1, "unet_use_cross_frame_attention": (False, None),
     "unet_use_temporal_attention": (False, None), "motion_module_type": ("Vanilla", None),
 }
+REMAT = ("none", "block")
+RUNTIME = ("remat", "remat_policy")  # settings left out of `to_dict`: how to run the model, not which model
 IGNORED = {"sample_size", "upcast_attention", "use_inflated_groupnorm", "addition_embed_type_num_heads"}
 
 
@@ -59,6 +61,12 @@ class UNetConfig:
         "num_attention_heads": 8, "num_transformer_block": 1, "attention_block_types": ("Temporal_Self", "Temporal_Self"),
         "temporal_position_encoding": True, "temporal_position_encoding_max_len": 32, "temporal_attention_dim_div": 1})
     attn_impl: str = "auto"
+    # Gradient checkpointing inside the UNet (runtime choices, not part of the weights; not in `to_dict`):
+    # "block" wraps each resnet, spatial transformer and CVA module in `nnx.remat`, so that the backward pass
+    # rebuilds one block's activations at a time; `remat_policy` names a `jax.checkpoint_policies` entry
+    # (what a block keeps, e.g. "dots_with_no_batch_dims_saveable"); None keeps only the block's inputs.
+    remat: str = "none"
+    remat_policy: str | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -76,6 +84,12 @@ class UNetConfig:
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"block channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
+        if self.remat_policy is not None:
+            import jax
+            if not callable(getattr(jax.checkpoint_policies, self.remat_policy, None)):
+                raise ValueError(f"unknown jax.checkpoint_policies entry {self.remat_policy!r}")
 
     # -- where the CVA modules go (the original's rule: resolution level 2**i in `motion_module_resolutions`)
     def cva_in_down(self, i: int) -> bool:
@@ -136,8 +150,10 @@ class UNetConfig:
             return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
-        """Diffusers/original-style keyword arguments (round-trips through `from_dict`)."""
+        """Diffusers/original-style keyword arguments (round-trips through `from_dict`, but for `RUNTIME`)."""
         d = dataclasses.asdict(self)
+        for k in RUNTIME:
+            d.pop(k)
         d["attention_head_dim"] = list(d.pop("num_attention_heads"))
         d["use_motion_module"] = d.pop("use_cva")
         d["motion_module_resolutions"] = list(d.pop("cva_resolutions"))
