@@ -67,6 +67,7 @@ def test_splash_compiles_for_tpu_under_a_sharded_jit(mesh, batch):
     assert compiled.as_text().count(TPU_CALL) == 3
 
 
+@pytest.mark.slow  # ~45 s; the tiny train step compiled for v5e in test_aot.py covers the UNet on TPU in CI
 def test_unet_forward_compiles_for_tpu_with_a_sharded_batch(mesh):
     """A small CVA UNet on a 16x16 grid, batch 4 over ('data', 'fsdp'), parameters replicated: splash for the
     self-attention over 256 tokens, XLA for the cross-attention (8 tokens) and the mid block's 64 tokens."""

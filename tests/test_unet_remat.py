@@ -24,6 +24,7 @@ def loss_fn(graphdef, x, c):
     return lambda params: (nnx.merge(graphdef, params)(x, jnp.full((x.shape[0],), 500), c) ** 2).mean()
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: the suite's time budget; run with -m slow
 def test_same_parameters_and_values():
     """Parameter paths (hence the converters) unchanged; loss and gradients equal to float32 rounding."""
     x, c = np.random.default_rng(0).standard_normal((2, 8, 8, 9)), np.random.default_rng(1).standard_normal((2, 5, 48))
