@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -84,12 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reproduce the original's inference exactly (spec section 8), e.g. for its checkpoints")
     g.add_argument("--out", required=True)
     g.set_defaults(fn=generate)
-    for name, text in (("demo", "main job: synthetic data -> training -> the 3 scenarios, scored (see imagpose demo --help)"),
-                       ("train", "train one stage from a config file (see imagpose train --help)"),
-                       ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)"),
-                       ("aot", "compile a training stage for a TPU topology on this machine (see imagpose aot --help)"),
-                       ("evaluate", "score a folder of generated images against their targets (see imagpose evaluate --help)"),
-                       ("pose", "OpenPose JSON and pose images from photos, with DWPose (see imagpose pose --help)")):
+    for name, (_, text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
     return p
 
@@ -110,25 +106,26 @@ def main(argv=None) -> int:
         return 2
 
 
+# Subcommands with parsers of their own (absl / config_flags or their own argparse): name -> (entry, help).
+SUBCOMMANDS = {
+    "demo": ("imagpose_jax.demo:main",
+             "main job: synthetic data -> training -> the 3 scenarios, scored (see imagpose demo --help)"),
+    "train": ("imagpose_jax.train.main:main", "train one stage from a config file (see imagpose train --help)"),
+    "make-dataset": ("imagpose_jax.data.synthetic:main",
+                     "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)"),
+    "aot": ("imagpose_jax.train.aot:main",
+            "compile a training stage for a TPU topology on this machine (see imagpose aot --help)"),
+    "evaluate": ("imagpose_jax.metrics.folders:main",
+                 "score a folder of generated images against their targets (see imagpose evaluate --help)"),
+    "pose": ("imagpose_jax.pose_extract:main",
+             "OpenPose JSON and pose images from photos, with DWPose (see imagpose pose --help)"),
+}
+
+
 def _dispatch(argv: list[str]) -> int:
-    if argv[:1] == ["demo"]:
-        from imagpose_jax.demo import main as demo_main
-        return demo_main(argv[1:])
-    if argv[:1] == ["train"]:
-        from imagpose_jax.train.main import main as train_main
-        return train_main(argv[1:])
-    if argv[:1] == ["make-dataset"]:
-        from imagpose_jax.data.synthetic import main as dataset_main
-        return dataset_main(argv[1:])
-    if argv[:1] == ["evaluate"]:
-        from imagpose_jax.metrics.folders import main as evaluate_main
-        return evaluate_main(argv[1:])
-    if argv[:1] == ["aot"]:
-        from imagpose_jax.train.aot import main as aot_main
-        return aot_main(argv[1:])
-    if argv[:1] == ["pose"]:
-        from imagpose_jax.pose_extract import main as pose_main
-        return pose_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        module, fn = SUBCOMMANDS[argv[0]][0].split(":")
+        return getattr(importlib.import_module(module), fn)(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

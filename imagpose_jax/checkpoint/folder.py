@@ -28,21 +28,10 @@ class PipelineFolder:
     def __post_init__(self):
         object.__setattr__(self, "root", os.fspath(self.root))
 
-    @property
-    def denoiser(self) -> str:
-        return os.path.join(self.root, "denoiser")
-
-    @property
-    def denoiser_ema(self) -> str:
-        return os.path.join(self.root, "denoiser_ema")
-
-    @property
-    def vae(self) -> str:
-        return os.path.join(self.root, "vae")
-
-    @property
-    def image_encoder(self) -> str:
-        return os.path.join(self.root, "image_encoder")
+    denoiser = property(lambda self: os.path.join(self.root, "denoiser"), doc="the IMAGPose denoiser's folder")
+    denoiser_ema = property(lambda self: os.path.join(self.root, "denoiser_ema"), doc="its EMA weights' folder")
+    vae = property(lambda self: os.path.join(self.root, "vae"), doc="the VAE's folder")
+    image_encoder = property(lambda self: os.path.join(self.root, "image_encoder"), doc="DINOv2's folder")
 
     def check(self) -> PipelineFolder:
         """Raises FileNotFoundError naming the first missing part (denoiser/, vae/, image_encoder/)."""
