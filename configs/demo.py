@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Data: the synthetic dataset, written by the demo (persons, not images, split into train and test).
     c.data = dict(format="synthetic", path="", index="", annotations="", image_dir="", height=testing.TINY_VIEW,
                   width=testing.TINY_VIEW, batch_size=4, read_threads=0, worker_count=0, prefetch=8,
-                  skip_corrupt=False, synthetic=dict(num_persons=64, poses_per_person=8, seed=0, test_fraction=0.15))
+                  check_images=True, skip_corrupt=False, max_corrupt_fraction=0.01,
+                  synthetic=dict(num_persons=64, poses_per_person=8, seed=0, test_fraction=0.15))
 
     c.noise = dict(NOISE_SCHEDULE)
     c.step = dict(noise_offset=0.05, snr_gamma=5.0, p_image=0.05, p_ref=0.05, p_both=0.05, compute_dtype="float32",

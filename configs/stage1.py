@@ -41,9 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Data (`train/inputs.py`). format: "imagpose_json" (`index`: the original's JSON list of per-person image
     # lists), "deepfashion" (`annotations`: fasion-resize-annotation-*.csv, `image_dir`) or "synthetic" (written
-    # under the workdir when `path` is empty). batch_size is global (all hosts); views are height x width.
+    # under the workdir when `path` is empty). batch_size is global (all hosts); views are height x width. Every file
+    # is checked to read before training (check_images; `data/check.py`): the first unreadable one stops the run
+    # naming it, or with skip_corrupt the examples using one are skipped, giving up past max_corrupt_fraction of them.
     c.data = dict(format="imagpose_json", path="", index="", annotations="", image_dir="", height=512, width=512,
-                  batch_size=32, read_threads=8, worker_count=0, prefetch=8, skip_corrupt=False,
+                  batch_size=32, read_threads=8, worker_count=0, prefetch=8, check_images=True, skip_corrupt=False,
+                  max_corrupt_fraction=0.01,
                   synthetic=dict(num_persons=12, poses_per_person=6, seed=0, test_fraction=0.25))
 
     # Objective (spec section 6): the noise schedule, offset noise, min-SNR-5, classifier-free-guidance dropout

@@ -17,7 +17,9 @@ file's diffusers config (config.json or its folder), by default SD1.5's.
 
 Every `--out` folder is written whole: into `<out>.tmp-<pid>` beside it, renamed to `<out>` when complete (a
 conversion killed half-way leaves the old folder, or none). An existing non-empty `--out` is refused unless
-`--overwrite` is given; then it is replaced whole (no file of the old folder survives).
+`--overwrite` is given; then it is replaced whole (no file of the old folder survives). An input that cannot be read
+or does not match (a missing or damaged file, a key or shape mismatch, a NaN or inf tensor) is one error naming it,
+no traceback (IMAGPOSE_DEBUG=1 shows it); no --out is written then.
 """
 from __future__ import annotations
 
@@ -204,8 +206,10 @@ def main(argv=None) -> int:
     try:
         with atomic_folder(args.out, overwrite=args.overwrite) as tmp:  # written beside --out, swapped in when done
             written = args.fn(argparse.Namespace(**{**vars(args), "out": tmp}))
-    except FileExistsError as err:
-        raise SystemExit(f"error: {err}") from None
+    except (FileExistsError, FileNotFoundError, ValueError) as err:  # ConversionError, NonFiniteParamsError: named
+        if os.environ.get("IMAGPOSE_DEBUG", "") not in ("", "0"):
+            raise
+        raise SystemExit(f"error: {err} (IMAGPOSE_DEBUG=1 shows the traceback)") from None
     for name in written or ():
         print(os.path.join(args.out, name))
     print(f"{args.cmd}: done in {time.perf_counter() - t0:.1f}s -> {args.out}", file=sys.stderr)

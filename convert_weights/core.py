@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from flax import nnx
 
+from imagpose_jax.errors import first_line
+
 
 class ConversionError(ValueError):
     """A checkpoint does not match the model it is loaded into."""
@@ -46,8 +48,7 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 from safetensors.torch import load_file as load_torch
                 sd = dict(load_torch(path))
         elif ext in (".bin", ".pth", ".pt", ".ckpt"):
-            import torch
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = _torch_load(path)
         else:
             raise ConversionError(
                 f"{path}: unknown checkpoint format {ext!r} (expected .safetensors, .bin, .pth, .pt or .ckpt)")
@@ -56,6 +57,39 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ConversionError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     return unwrap_state_dict(sd, source=path)
+
+
+def _torch_load(path: str):
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary pickled objects. A file
+    that is not a whole `torch.save` file (a zip archive with a data.pkl, or a legacy pickle), or that holds other
+    objects, is a one-line ConversionError naming it (not torch's advice to load it with weights_only=False)."""
+    import pickle
+    import zipfile
+
+    import torch
+    with open(path, "rb") as f:
+        head = f.read(4)
+    what = None
+    if head.startswith(b"PK\x03\x04"):  # torch >= 1.6: a zip archive holding <name>/data.pkl
+        if not zipfile.is_zipfile(path):
+            what = f"a truncated or damaged zip archive ({os.path.getsize(path)} bytes)"
+        elif not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
+            what = "not a PyTorch checkpoint (a zip archive without torch.save's data.pkl)"
+    elif not head.startswith(b"\x80"):  # a pickle (torch.save's legacy format) starts with its PROTO opcode
+        what = f"not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; it starts with {head!r})"
+    if what:
+        raise ConversionError(f"cannot read checkpoint {path}: {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()[:1]
+        raise ConversionError(f"cannot read checkpoint {path}: not a plain state dict of tensors "
+                              f"({detail[0] if detail else first_line(e)}); "
+                              f"only weights are read (torch.load weights_only=True): save its state dict alone, "
+                              f"torch.save(model.state_dict(), ...)") from None
+    except (RuntimeError, EOFError) as e:
+        reason = first_line(e) if str(e).strip() else f"{type(e).__name__}: the file ends early"
+        raise ConversionError(f"cannot read checkpoint {path}: {reason} (truncated or damaged?)") from None
 
 
 def unwrap_state_dict(sd, source: str = "<state dict>") -> dict[str, np.ndarray]:

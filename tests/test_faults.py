@@ -1,6 +1,8 @@
 """Nothing lost, nothing silently wrong (issue 15): whole-folder conversions (a conversion killed half-way leaves
 the old folder), a damaged newest training checkpoint (resume falls back to the newest readable one), a failed
-checkpoint save (one clear error, no temporary folder left), images of every PIL mode read as the right 8-bit RGB.
+checkpoint save (one clear error, no temporary folder left), images of every PIL mode read as the right 8-bit RGB,
+every training image checked to read before training (skipping gives up past a fraction), no NaN or inf written or
+read as a parameter, one-line errors for damaged weight files and zero counts.
 Each test says what the code before did."""
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
@@ -341,3 +344,249 @@ def test_palette_gray_and_cmyk_images(tmp_path):
     for name, want in cases.items():
         for got in _reads(str(tmp_path / name)):
             assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1, (name, got, want)
+
+
+# ---------------------------------------------------------------- training data: every file read before training
+
+def _smooth_image(size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.clip(np.cumsum(rng.integers(0, 9, (size, size, 3)), axis=1), 0, 255).astype(np.uint8)
+
+
+def test_check_file_reads_the_whole_file(tmp_path):
+    # Before: no check (`read_imagpose_json` only checked that each file exists). A PNG with damaged bytes inside
+    # its compressed data can even decode without an error (to a wrong image); the check reads its CRCs.
+    from imagpose_jax.data.check import check_file
+    for ext in ("png", "jpg"):
+        Image.fromarray(_smooth_image()).save(tmp_path / f"good.{ext}")
+        data = (tmp_path / f"good.{ext}").read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(data[:len(data) * 2 // 3])
+    data = bytearray((tmp_path / "good.png").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped.png").write_bytes(bytes(data))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    cases = {"good.png": None, "good.jpg": None, "cut.png": "Truncated File Read",
+             "cut.jpg": "image file is truncated", "flipped.png": "broken PNG file (bad header checksum in b'IDAT')",
+             "empty.jpg": "cannot identify image file", "missing.png": "No such file or directory"}
+    for name, want in cases.items():
+        got = check_file(str(tmp_path / name))
+        assert (got is None) if want is None else (got is not None and want in got), (name, got)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """A tiny synthetic training index (3 persons x 3 views: 9 images and 9 pose renderings, 64x64 PNGs) whose
+    second person's second image is truncated -> (its config, the truncated file)."""
+    from train_fixtures import tiny_config
+    from imagpose_jax.data.synthetic import make_synthetic_dataset
+    index = make_synthetic_dataset(str(tmp_path / "data"), num_persons=3, poses_per_person=3, height=64, width=64,
+                                   seed=0, test_fraction=0.0)["train"].index_json
+    bad = str(tmp_path / "data" / "train" / "image" / "person0001_01.png")
+    os.truncate(bad, os.path.getsize(bad) // 2)
+    c = tiny_config(2)
+    c.data.update(format="imagpose_json", index=index)
+    return c, bad
+
+
+def test_unreadable_image_stops_training_before_it_starts(dataset, tmp_path):
+    # Before: nothing was read before training; the truncated image stopped the run when first drawn (steps, or
+    # hours, in), with no hint about data.skip_corrupt.
+    import jax
+    from imagpose_jax.data.pipeline import CorruptImageError
+    from imagpose_jax.sharding import make_mesh
+    from imagpose_jax.train.inputs import train_iterator
+    c, bad = dataset
+    mesh = make_mesh(devices=jax.devices()[:1])
+    with pytest.raises(CorruptImageError) as err:
+        train_iterator(c, str(tmp_path), mesh)
+    assert str(err.value).startswith(f"cannot read image {bad!r}: OSError: Truncated File Read; set "
+                                     "--config.data.skip_corrupt=True to skip the examples")
+    assert err.value.path == bad
+
+
+def test_skip_corrupt_leaves_out_unreadable_views_up_to_the_fraction(dataset, caplog):
+    # Before: with skip_corrupt every example drawing the file was skipped, however many files were bad (all of
+    # them: an endless loop); now the views are left out before training, up to data.max_corrupt_fraction.
+    from imagpose_jax.data.check import check_images
+    from imagpose_jax.data.index import read_imagpose_json
+    from imagpose_jax.data.pipeline import CorruptDataError
+    c, bad = dataset
+    persons = read_imagpose_json(c.data.index)
+    with pytest.raises(CorruptDataError, match=r"^1 of 18 image files \(5\.6%\) are unreadable, more than "
+                                               r"data\.max_corrupt_fraction=0\.01; the first: " + re.escape(repr(bad))):
+        check_images(persons, skip_corrupt=True, max_corrupt_fraction=0.01)
+    with caplog.at_level(logging.WARNING):
+        kept = check_images(persons, skip_corrupt=True, max_corrupt_fraction=0.1)
+    assert [[os.path.basename(v.image) for v in p.views] for p in kept] == [
+        [f"person000{i}_0{j}.png" for j in range(3) if (i, j) != (1, 1)] for i in range(3)]
+    assert any("1 of 18 image files are unreadable" in r.getMessage() and bad in r.getMessage() for r in caplog.records)
+
+
+def _unreadable_person(tmp_path) -> "Person":
+    from imagpose_jax.data.index import Person, View
+    paths = [str(tmp_path / "image" / f"gone_{i}.png") for i in range(2)]
+    return Person("gone", tuple(View(image=p, pose_image=p.replace("image", "dwpose")) for p in paths))
+
+
+def test_skipping_gives_up_past_the_fraction(tmp_path):
+    # Before: with skip_corrupt=True and every file unreadable (e.g. the data's file system gone), `next()` looped
+    # forever; an out-of-range fraction was not a key then.
+    from imagpose_jax.data.pipeline import CorruptDataError, make_train_iterator
+    person = _unreadable_person(tmp_path)
+    it = make_train_iterator([person], 64, 64, batch_size=1, seed=0, shard_index=0, shard_count=1, skip_corrupt=True,
+                             max_corrupt_fraction=0.01)
+    with pytest.raises(CorruptDataError) as err:
+        next(it)
+    msg = str(err.value)
+    assert msg.startswith("100 of the 100 training examples drawn so far were skipped for unreadable files (100.0%), "
+                          "more than data.max_corrupt_fraction=0.01: giving up (the last: cannot read image "), msg
+    assert str(tmp_path / "image" / "gone_") in msg and it.skipped_corrupt == 100
+    with pytest.raises(ValueError, match=r"data\.max_corrupt_fraction must be in \[0, 1\), got 1\.5"):
+        make_train_iterator([person], 64, 64, batch_size=1, seed=0, skip_corrupt=True, max_corrupt_fraction=1.5)
+
+
+def test_unreadable_image_during_training_names_it_with_the_hint(tmp_path):
+    # Before: "cannot read image '...': FileNotFoundError: ..." and no word of data.skip_corrupt.
+    from imagpose_jax.data.pipeline import CorruptImageError, make_train_iterator
+    it = make_train_iterator([_unreadable_person(tmp_path)], 64, 64, batch_size=1, seed=0, shard_index=0,
+                             shard_count=1)
+    with pytest.raises(CorruptImageError) as err:
+        next(it)
+    assert str(tmp_path / "image" / "gone_") in str(err.value)
+    assert str(err.value).endswith("; set --config.data.skip_corrupt=True to skip the examples that use an unreadable "
+                                   "file (giving up past data.max_corrupt_fraction of them)")
+
+
+@pytest.mark.parametrize("name", ["stage1.py", "stage2.py", "stage3.py", "stage2.py:tiny", "demo.py"])
+def test_every_config_has_the_data_check_keys(name):
+    # Before: data.check_images and data.max_corrupt_fraction did not exist.
+    from imagpose_jax.train.config import load_config
+    d = load_config(os.path.join(ROOT, "configs", name)).data
+    assert (d.check_images, d.skip_corrupt, d.max_corrupt_fraction) == (True, False, 0.01)
+
+
+# ---------------------------------------------------------------- no NaN or inf written or read as a parameter
+
+def test_nonfinite_parameters_are_never_written(tmp_path, monkeypatch):
+    # Before: save_params and TrainCheckpointer.save wrote NaN without a word (a NaN in a pretrained VAE's decoder,
+    # which no training loss sees, reached every checkpoint and the export).
+    import jax.numpy as jnp
+    from flax import nnx
+    from imagpose_jax.checkpoint import finite, save_params
+    from imagpose_jax.checkpoint.finite import NonFiniteParamsError
+    from imagpose_jax.checkpoint.train_state import TrainCheckpointer
+    bad = np.ones((2, 3), np.float32)
+    bad[1, 2] = np.nan
+    params = nnx.state(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param)
+    params["kernel"].set_value(bad.T)
+    folder = str(tmp_path / "export" / "denoiser")
+    with pytest.raises(NonFiniteParamsError, match=re.escape(f"{folder}/params.safetensors not written: tensor "
+                                                             "'kernel' holds NaN or inf")):
+        save_params(folder, {}, params)
+    assert not os.path.exists(folder)
+
+    state, _ = _tiny_state(1)
+    state["kernel"].set_value(np.where(np.arange(64 * 64).reshape(64, 64) == 7, np.inf, 1.0).astype(np.float32))
+    directory = str(tmp_path / "checkpoints")
+    ck = TrainCheckpointer(directory)
+    with pytest.raises(NonFiniteParamsError, match=re.escape(f"checkpoint step 3 not saved to {directory}: tensor "
+                                                             "'kernel' holds NaN or inf")):
+        ck.save(3, state)
+    ck.close()
+    assert ck.all_steps() == [] and not glob.glob(f"{directory}/3*")
+
+    monkeypatch.setattr(finite, "_on_host", lambda v: isinstance(v, np.ndarray))  # as on an accelerator
+    named = {"a": jnp.ones(3), "b": jnp.array([0.0, -jnp.inf]), "c": np.float32([np.nan]), "n": jnp.arange(3)}
+    assert finite.nonfinite(named) == ["b", "c"]
+
+
+def _damaged_denoiser(converted, tmp_path, damage) -> tuple[str, str]:
+    """A copy of the converted denoiser folder, its params.safetensors damaged -> (folder, the file)."""
+    folder = str(tmp_path / "denoiser")
+    shutil.copytree(os.path.join(converted[1], "denoiser"), folder)
+    path = os.path.join(folder, "params.safetensors")
+    damage(path)
+    return folder, path
+
+
+def test_nan_in_a_parameter_folder_is_refused_on_reading(converted, tmp_path):
+    # Before: `imagpose-convert export` wrote the NaN into denoising_unet-0.pth and exited 0.
+    from safetensors.numpy import load_file, save_file
+    from convert_weights.cli import main
+    key = "unet.conv_in.kernel"
+
+    def nan(path):
+        tensors = load_file(path)
+        tensors[key][0, 0, 0, 0] = np.nan
+        save_file(tensors, path)
+    folder, path = _damaged_denoiser(converted, tmp_path, nan)
+    out = str(tmp_path / "torch")
+    with pytest.raises(SystemExit) as err:
+        main(["export", "--params", folder, "--out", out])
+    assert str(err.value) == f"error: {path}: tensor {key!r} holds NaN or inf (IMAGPOSE_DEBUG=1 shows the traceback)"
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["denoiser"]
+
+
+def test_truncated_params_file_is_named(converted, tmp_path):
+    # Before: safetensors' "Error while deserializing header: incomplete metadata, file not fully covered", no path.
+    from imagpose_jax.checkpoint.params import load_model
+    folder, path = _damaged_denoiser(converted, tmp_path, lambda p: os.truncate(p, os.path.getsize(p) // 2))
+    with pytest.raises(ValueError) as err:
+        load_model(folder)
+    assert str(err.value).startswith(f"{path} is damaged ({os.path.getsize(path)} bytes; truncated, or not a "
+                                     "safetensors file?): ")
+    assert str(err.value).endswith("Convert or export it again")
+
+
+# ---------------------------------------------------------------- one-line errors
+
+def test_a_random_file_as_pth_is_one_line_naming_it(converted, tmp_path):
+    # Before: a ConversionError traceback carrying torch's advice: "Re-running `torch.load` with `weights_only` set
+    # to `False` will likely succeed, but it can result in arbitrary code execution ...".
+    import argparse
+    import torch
+    from convert_weights.cli import main
+    from convert_weights.core import ConversionError, load_torch_file
+    src = converted[0]
+    rand = tmp_path / "denoising_unet-0.pth"
+    rand.write_bytes(b"\x00\x13" + np.random.default_rng(0).bytes(4094))
+    with pytest.raises(SystemExit) as err:
+        main(["imagpose", "--unet", str(rand), "--pose-guider", f"{src}/pose_guider-0.pth", "--patch",
+              f"{src}/patch-0.pth", "--config", f"{src}/config.json", "--out", str(tmp_path / "out")])
+    assert str(err.value) == (f"error: cannot read checkpoint {rand}: not a PyTorch checkpoint (neither a torch.save "
+                              f"zip archive nor a pickle; it starts with {rand.read_bytes()[:4]!r}) "
+                              "(IMAGPOSE_DEBUG=1 shows the traceback)")
+    assert not os.path.exists(tmp_path / "out")
+    pickled = tmp_path / "with_args.pth"  # a torch file holding more than tensors (e.g. a training script's args)
+    torch.save({"conv_in.weight": torch.zeros(1), "args": argparse.Namespace(lr=1)}, pickled)
+    with pytest.raises(ConversionError) as err:
+        load_torch_file(pickled)
+    assert str(err.value) == (f"cannot read checkpoint {pickled}: not a plain state dict of tensors (Unsupported "
+                              "global: GLOBAL argparse.Namespace was not an allowed global by default); only weights "
+                              "are read (torch.load weights_only=True): save its state dict alone, "
+                              "torch.save(model.state_dict(), ...)")
+
+
+def test_zero_counts_are_refused_naming_the_setting(capsys):
+    # Before: `--config.data.batch_size=0` (and train.log_every=0) passed the command line and failed deep in the
+    # run (an empty batch; a modulo by zero) after the models were built; `imagpose evaluate --batch-size -1` loaded
+    # its LPIPS and Inception weights first.
+    from imagpose_jax.cli import main as cli_main
+    from imagpose_jax.train.main import parse
+    train = ["--config", os.path.join(ROOT, "configs/stage2.py:tiny"), "--workdir", "unused"]
+    for override, error in [("steps=0", "steps must be at least 1, got 0"),
+                            ("data.batch_size=0", "data.batch_size must be at least 1, got 0"),
+                            ("data.batch_size=-1", "data.batch_size must be at least 1, got -1"),
+                            ("train.log_every=0", "train.log_every must be at least 1, got 0")]:
+        with pytest.raises(SystemExit) as err:
+            parse([*train, f"--config.{override}"])
+        assert str(err.value) == f"imagpose train: error: {error}"
+    generate = ["generate", "--weights", "w", "--source", "s.png", "--source-pose", "s.json", "--target-pose", "t.json",
+                "--out", "o"]
+    for n in ("0", "-1"):
+        with pytest.raises(SystemExit, match=f"^error: --batch-size must be at least 1, got {n}$"):
+            cli_main([*generate, "--batch-size", n])
+    with pytest.raises(SystemExit) as err:
+        cli_main(["evaluate", "--generated", "g", "--targets", "t", "--out", "o", "--batch-size", "-1"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --batch-size must be at least 1, got -1")

@@ -2,17 +2,22 @@
 
 This is what the converter writes and what inference loads. It needs no PyTorch. Loading checks every
 key and shape against the model built abstractly from `config.json` (`nnx.eval_shape`), so a folder
-that does not match its config is an error naming the key.
+that does not match its config is an error naming the key; a damaged (e.g. truncated) file is an error
+naming it, and a NaN or inf is neither written nor loaded (`finite.py`: the error names the tensor).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from imagpose_jax.checkpoint.finite import check_finite
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
@@ -22,12 +27,18 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def flat_values(state: nnx.State) -> dict[str, Any]:
+    """Dotted state path -> its array, as held (numpy, or a jax array on its devices)."""
+    return {_key(p): v.get_value() if hasattr(v, "get_value") else v for p, v in nnx.to_flat_state(state)}
+
+
 def save_params(folder: str | os.PathLike, config: dict, params: nnx.State) -> None:
-    """Writes `params` (an `nnx.State` of arrays) and the JSON-able `config` into `folder`."""
+    """Writes `params` (an `nnx.State` of arrays) and the JSON-able `config` into `folder`; a non-finite tensor is
+    refused (`NonFiniteParamsError`, nothing written)."""
     from safetensors.numpy import save_file
+    flat = {k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in flat_values(params).items()}
+    check_finite(flat, f"{os.path.join(folder, PARAMS_FILE)} not written")
     os.makedirs(folder, exist_ok=True)
-    flat = {_key(p): np.ascontiguousarray(np.asarray(jax.device_get(v.get_value() if hasattr(v, "get_value") else v)))
-            for p, v in nnx.to_flat_state(params)}
     tmp = os.path.join(folder, PARAMS_FILE + ".tmp")
     save_file(flat, tmp)
     os.replace(tmp, os.path.join(folder, PARAMS_FILE))
@@ -49,15 +60,18 @@ def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = ""
 
     With `shardings` (same structure, `NamedSharding` leaves) every array is assembled from the slices this
     host's devices hold (`jax.make_array_from_callback` over safetensors' lazy slices): no host reads or
-    builds a whole sharded tensor.
+    builds a whole sharded tensor. A tensor holding NaN or inf is an error naming it (`NonFiniteParamsError`).
     """
-    from safetensors import safe_open
     path = os.path.join(folder, PARAMS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: missing weights")
     flat_sh = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     out, missing, wrong = [], [], []
-    with safe_open(path, framework="numpy") as f:
+
+    def finite(k: str, a: np.ndarray) -> np.ndarray:
+        check_finite({k: a}, path)
+        return a
+    with _open_safetensors(path) as f:
         keys = set(f.keys())
         wanted = set()
         for p, var in nnx.to_flat_state(abstract):
@@ -75,15 +89,27 @@ def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = ""
                 sh = flat_sh[p]
                 sh = sh.get_value() if hasattr(sh, "get_value") else sh
                 value = jax.make_array_from_callback(tuple(var.shape), sh,
-                                                     lambda idx, sl=sl, dt=dt: np.asarray(sl[idx], dt))
+                                                     lambda idx, sl=sl, dt=dt, k=k: finite(k, np.asarray(sl[idx], dt)))
             else:
-                value = jnp.asarray(f.get_tensor(k), dt)
+                value = jnp.asarray(finite(k, np.asarray(f.get_tensor(k), dt)))
             out.append((p, var.replace(value)))
         unexpected = sorted(k for k in keys - wanted if k.startswith(prefix))
     if missing or wrong or unexpected:
         raise ValueError(f"{path} does not match its model: missing {missing[:10]}, shape mismatches {wrong[:10]}, "
                          f"unexpected {unexpected[:10]}")
     return nnx.from_flat_state(out)
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+    """safetensors' `safe_open`, a damaged file (truncated, or not safetensors) an error naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="numpy") as f:
+            yield f
+    except SafetensorError as err:
+        raise ValueError(f"{path} is damaged ({os.path.getsize(path)} bytes; truncated, or not a safetensors "
+                         f"file?): {err}. Convert or export it again") from None
 
 
 def load_model(folder: str | os.PathLike, dtype=None):

@@ -12,7 +12,7 @@ complete step as the latest).
 Faults: `restore_latest` falls back past an unreadable newest checkpoint (truncated or zeroed files) to the newest
 one that reads back, with one warning, and moves the damaged step aside to `<step>.corrupt` (kept, no longer
 listed); a save that fails (a full disk) raises one `CheckpointError` naming the step and removes orbax's
-temporary folder.
+temporary folder; a state holding a NaN or inf is never saved (`NonFiniteParamsError` naming the tensor).
 
 Restoring takes an abstract target whose leaves carry shardings (`jax.ShapeDtypeStruct(..., sharding=...)`),
 so a checkpoint written on one mesh restores onto another (a different device count or layout).
@@ -33,6 +33,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from imagpose_jax.checkpoint.finite import check_finite
+from imagpose_jax.checkpoint.params import flat_values
+from imagpose_jax.errors import first_line
+
 STATE, DATA = "state", "data"
 CORRUPT = ".corrupt"  # a damaged step's folder is renamed <step>.corrupt
 
@@ -52,13 +56,6 @@ class _NoOrbaxTracebacks(logging.Filter):
 
 
 _NO_ORBAX_TRACEBACKS = _NoOrbaxTracebacks()
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    """An error as one short line (tensorstore's messages carry whole specs)."""
-    text = str(err).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(err).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
 
 
 def _is_key(x) -> bool:
@@ -131,7 +128,7 @@ class TrainCheckpointer:
                 self.manager.close()  # lets orbax's threads still writing the failed step finish
             self._remove_tmp()
             steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
-            raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed ({_first_line(err)}); "
+            raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed ({first_line(err)}); "
                                   f"the newest complete checkpoint is step {steps[-1] if steps else None}") from None
 
     def _remove_tmp(self) -> None:
@@ -143,7 +140,9 @@ class TrainCheckpointer:
     def save(self, step: int, state: nnx.State, iterator: grain.DatasetIterator | None = None, *,
              force: bool = False) -> bool:
         """Starts saving `state` (and the iterator's position) as `step`; returns whether a save started.
-        Raises CheckpointError if this save, or the previous (asynchronous) one, failed."""
+        Raises CheckpointError if this save, or the previous (asynchronous) one, failed, and NonFiniteParamsError
+        (nothing saved) if a tensor of `state` holds NaN or inf."""
+        check_finite(flat_values(state), f"checkpoint step {step} not saved to {self.directory}")
         items = {STATE: ocp.args.StandardSave(to_savable(state.to_pure_dict()))}
         if iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(iterator)
@@ -189,12 +188,12 @@ class TrainCheckpointer:
             if failed:
                 aside = self._set_aside([s for s, _ in failed])
                 logging.warning("unreadable checkpoint in %s: %s; resuming from step %d (kept aside as %s)",
-                                self.directory, "; ".join(f"step {s}: {_first_line(e)}" for s, e in failed), step,
+                                self.directory, "; ".join(f"step {s}: {first_line(e)}" for s, e in failed), step,
                                 ", ".join(aside))
             return step, state
         if failed:
             raise CheckpointError(f"no checkpoint in {self.directory} reads back: " +
-                                  "; ".join(f"step {s}: {_first_line(e)}" for s, e in failed))
+                                  "; ".join(f"step {s}: {first_line(e)}" for s, e in failed))
         return 0, state_like
 
     def _set_aside(self, steps: list[int]) -> list[str]:

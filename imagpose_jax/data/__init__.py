@@ -1,2 +1,3 @@
-"""Data: pose renderings (``pose``), dataset index readers (``index``), the grain training and
-evaluation pipeline (``pipeline``) and a procedural synthetic dataset (``synthetic``)."""
+"""Data: pose renderings (``pose``), dataset index readers (``index``), the check that every file of an index
+reads (``check``), the grain training and evaluation pipeline (``pipeline``) and a procedural synthetic dataset
+(``synthetic``)."""

@@ -30,12 +30,23 @@ from imagpose_jax.data.pose import render_pose
 Example = dict[str, np.ndarray]
 
 
-class CorruptImageError(OSError):
-    """An image or pose rendering that cannot be read or decoded; the message names the file."""
+# What PIL raises on a file it cannot read or decode (a missing file is an OSError too).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+SKIP_HINT = ("set --config.data.skip_corrupt=True to skip the examples that use an unreadable file (giving up past "
+             "data.max_corrupt_fraction of them)")
+MIN_DRAWN = 100  # examples drawn before the fraction of skipped ones is checked
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot read image {path!r}: {reason}")
-        self.path = path
+
+class CorruptImageError(OSError):
+    """An image or pose rendering that cannot be read or decoded; the message names the file (and a `hint`)."""
+
+    def __init__(self, path: str, reason: str, hint: str = ""):
+        super().__init__(f"cannot read image {path!r}: {reason}" + (f"; {hint}" if hint else ""))
+        self.path, self.reason = path, reason
+
+
+class CorruptDataError(RuntimeError):
+    """Too large a fraction of the data is unreadable (`data.max_corrupt_fraction`): skipping gave up."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +69,7 @@ def _open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return to_rgb(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except UNREADABLE as err:
         raise CorruptImageError(path, f"{type(err).__name__}: {err}") from err
 
 
@@ -103,8 +114,8 @@ class TrainExampleTransform(grain.transforms.RandomMap):
 
     Four picks among the person's views (not all the same view); each slot known with
     probability 1/2, all-known and all-unknown redrawn; one crop/flip for everything; the
-    reference is a random known slot. With ``skip_corrupt``, an unreadable file gives a
-    ``CorruptSample`` instead of raising ``CorruptImageError``.
+    reference is a random known slot. An unreadable file raises ``CorruptImageError`` (naming it, with
+    ``SKIP_HINT``); with ``skip_corrupt``, it gives a ``CorruptSample`` instead.
     """
     height: int
     width: int
@@ -124,7 +135,7 @@ class TrainExampleTransform(grain.transforms.RandomMap):
             loaded = [load_view(person.views[i], self.height, self.width, crop) for i in picks]
         except CorruptImageError as err:
             if not self.skip_corrupt:
-                raise
+                raise CorruptImageError(err.path, err.reason, SKIP_HINT) from err
             return CorruptSample(err.path, str(err))
         images, poses = (np.stack(x) for x in zip(*loaded))
         return build_example(images, poses, known, ref_slot)
@@ -150,25 +161,41 @@ class TrainIterator(grain.DatasetIterator):
     """Batches of training examples (a leading batch axis on every key of ``build_example``).
 
     Corrupt samples from the parent iterator are dropped, counted in ``skipped_corrupt`` and
-    logged. ``get_state``/``set_state`` (JSON-serialisable; also orbax's grain checkpointing)
-    resume the exact stream.
+    logged; once ``MIN_DRAWN`` examples were drawn (since this iterator was made or restored), more than
+    ``max_corrupt_fraction`` of them skipped raises ``CorruptDataError`` (never an endless loop over unreadable
+    files). ``get_state``/``set_state`` (JSON-serialisable; also orbax's grain checkpointing) resume the exact
+    stream.
     """
 
-    def __init__(self, examples: grain.DatasetIterator, batch_size: int):
+    def __init__(self, examples: grain.DatasetIterator, batch_size: int, max_corrupt_fraction: float = 0.01):
         super().__init__(examples)
-        self._batch_size = batch_size
+        if not 0 <= max_corrupt_fraction < 1:
+            raise ValueError(f"data.max_corrupt_fraction must be in [0, 1), got {max_corrupt_fraction}")
+        self._batch_size, self._max_fraction = batch_size, max_corrupt_fraction
         self.skipped_corrupt = 0
+        self._drawn = self._skipped = 0  # since this iterator was made or restored
 
     def __next__(self) -> Example:
         batch = []
         while len(batch) < self._batch_size:
             example = next(self._parent)
+            self._drawn += 1
             if isinstance(example, CorruptSample):
                 self.skipped_corrupt += 1
+                self._skipped += 1
                 logging.warning("skipped a training example: %s", example.reason)
+                self._check_fraction(example)
                 continue
             batch.append(example)
         return dict(stack(batch)._asdict())
+
+    def _check_fraction(self, last: CorruptSample) -> None:
+        if self._drawn >= MIN_DRAWN and self._skipped > self._max_fraction * self._drawn:
+            raise CorruptDataError(
+                f"{self._skipped} of the {self._drawn} training examples drawn so far were skipped for unreadable "
+                f"files ({self._skipped / self._drawn:.1%}), more than data.max_corrupt_fraction={self._max_fraction}: "
+                f"giving up (the last: {last.reason}). Check the data and its file system, or raise "
+                f"data.max_corrupt_fraction")
 
     def get_state(self) -> dict[str, Any]:
         return {"examples": self._parent.get_state(), "skipped_corrupt": self.skipped_corrupt}
@@ -176,12 +203,13 @@ class TrainIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["examples"])
         self.skipped_corrupt = int(state["skipped_corrupt"])
+        self._drawn = self._skipped = 0
 
 
 def make_train_iterator(persons: Sequence[Person], height: int, width: int, *, batch_size: int, seed: int,
                         shard_index: int | None = None, shard_count: int | None = None,
-                        skip_corrupt: bool = False, read_threads: int = 0, worker_count: int = 0,
-                        prefetch: int = 8) -> TrainIterator:
+                        skip_corrupt: bool = False, max_corrupt_fraction: float = 0.01, read_threads: int = 0,
+                        worker_count: int = 0, prefetch: int = 8) -> TrainIterator:
     """An endless, deterministic stream of training batches for this host.
 
     The persons are shuffled anew each epoch (seeded), each record becomes one example
@@ -196,6 +224,8 @@ def make_train_iterator(persons: Sequence[Person], height: int, width: int, *, b
       batch_size: examples per batch on this host.
       seed: shuffling and augmentation seed, in [0, 2**32).
       skip_corrupt: drop (and count) examples with an unreadable file instead of raising.
+      max_corrupt_fraction: with skip_corrupt, the largest fraction of the examples drawn that may be skipped
+        (checked after ``MIN_DRAWN``): past it ``CorruptDataError``.
       read_threads: grain threads preparing examples in each process (0: in the caller's thread).
       worker_count: grain worker processes (0: none).
       prefetch: examples buffered per process when read_threads or worker_count is set.
@@ -225,7 +255,7 @@ def make_train_iterator(persons: Sequence[Person], height: int, width: int, *, b
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                  per_worker_buffer_size=prefetch))
-    return TrainIterator(iter(it_ds), batch_size)
+    return TrainIterator(iter(it_ds), batch_size, max_corrupt_fraction)
 
 
 def make_eval_example(person: Person, scenario: int, height: int, width: int,

@@ -280,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fid_real and not args.inception:
         p.error("--fid-real is the FID reference: it needs --inception WEIGHTS")
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     lp = load_lpips(*args.lpips, net=args.lpips_net) if args.lpips else None
     inc = load_inception(args.inception) if args.inception else None
     try:

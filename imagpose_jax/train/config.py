@@ -53,6 +53,18 @@ def state_builder(c: ml_collections.ConfigDict) -> Callable[[], TrainState]:
     return build
 
 
+def check_run(c: ml_collections.ConfigDict) -> None:
+    """The loop's counts, checked before anything is built: a ValueError naming the key."""
+    counts = {"steps": c.steps, "data.batch_size": c.data.batch_size, "train.log_every": c.train.log_every,
+              "train.checkpoint_every": c.train.checkpoint_every, "train.keep": c.train.keep,
+              "train.max_nonfinite": c.train.max_nonfinite}
+    for key, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+    if c.train.sample_every < 0:
+        raise ValueError(f"train.sample_every must be 0 (never) or more, got {c.train.sample_every}")
+
+
 def config_flag_values(argv: Sequence[str], define: Callable | None = None, *, prog: str = "imagpose"):
     """absl `FlagValues` holding `--config` (a config file, `path.py[:arg]`, with `--config.KEY=VALUE` overrides:
     ml-collections' `config_flags`), parsed from `argv` (without the program name). `define(flag_values)` may

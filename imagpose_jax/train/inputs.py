@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from imagpose_jax.data.check import check_images
 from imagpose_jax.data.index import Person, read_deepfashion, read_imagpose_json
 from imagpose_jax.data.pipeline import TrainIterator, make_eval_example, make_train_iterator
 
@@ -64,13 +65,19 @@ def per_host_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
     return global_batch // jax.process_count()
 
 
-def train_iterator(c: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> TrainIterator:
+def train_iterator(c: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *,
+                   progress: bool = False) -> TrainIterator:
+    """The grain stream of this host's batches, every file of the index checked first (`data.check_images`)."""
     d = c.data
-    return make_train_iterator(read_persons(c, workdir), d.height, d.width,
+    persons = read_persons(c, workdir)
+    if d.check_images:
+        persons = check_images(persons, skip_corrupt=d.skip_corrupt, max_corrupt_fraction=d.max_corrupt_fraction,
+                               progress=progress and jax.process_index() == 0)
+    return make_train_iterator(persons, d.height, d.width,
                                batch_size=per_host_batch(d.batch_size, mesh), seed=c.seed,
                                shard_index=jax.process_index(), shard_count=jax.process_count(),
-                               skip_corrupt=d.skip_corrupt, read_threads=d.read_threads, worker_count=d.worker_count,
-                               prefetch=d.prefetch)
+                               skip_corrupt=d.skip_corrupt, max_corrupt_fraction=d.max_corrupt_fraction,
+                               read_threads=d.read_threads, worker_count=d.worker_count, prefetch=d.prefetch)
 
 
 def sample_examples(c: ml_collections.ConfigDict, workdir: str, count: int = 2) -> list[dict]:

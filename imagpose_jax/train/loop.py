@@ -136,17 +136,18 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     `on_step(step)` is called after each step's logging, checkpoint and samples (a hook for callers and tests).
 
     Raises `NonFiniteError` after `c.train.max_nonfinite` non-finite steps in a row (nothing non-finite is saved or
-    exported), and `Interrupted` on SIGTERM / SIGINT once the step in flight is checkpointed."""
-    if c.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {c.steps}")
+    exported: a NaN or inf tensor anywhere is `NonFiniteParamsError` at the save), `CorruptImageError` /
+    `CorruptDataError` for unreadable data (`data.check_images`, `data.skip_corrupt`), and `Interrupted` on
+    SIGTERM / SIGINT once the step in flight is checkpointed."""
+    tc.check_run(c)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(c.to_json_best_effort(indent=1))
     mesh = make_mesh(**c.mesh.to_dict())
     t0 = time.perf_counter()
+    iterator = train_iterator(c, workdir, mesh, progress=progress)   # every image checked before the models are built
     graphdef, state, shardings = build_state(c, mesh)
-    iterator = train_iterator(c, workdir, mesh)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep,
                              async_save=c.train.async_checkpoint)
     start, state = ckpt.restore_latest(state, shardings, iterator)   # past an unreadable newest checkpoint

@@ -25,7 +25,7 @@ def _define(fv) -> None:
 def parse(argv: list[str]):
     """-> (absl FlagValues with .config, .workdir, .distributed, .progress); a bad argument exits with one line."""
     from absl import flags
-    from imagpose_jax.train.config import config_flag_values
+    from imagpose_jax.train.config import check_run, config_flag_values
     argv = ["--noprogress" if a == "--no-progress" else a for a in argv]
     if {"-h", "--help"} & set(argv):
         print(__doc__ + "\nflags: --config FILE[:tiny] --workdir DIR [--distributed auto|on|off] [--noprogress] "
@@ -41,6 +41,10 @@ def parse(argv: list[str]):
         raise SystemExit("imagpose train: error: --config is required (configs/stageN.py or configs/stageN.py:tiny)")
     if not fv.workdir:
         raise SystemExit("imagpose train: error: --workdir is required")
+    try:
+        check_run(fv.config)
+    except ValueError as err:
+        raise SystemExit(f"imagpose train: error: {err}") from None
     return fv
 
 
@@ -50,13 +54,15 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from imagpose_jax.sharding.distributed import initialize_distributed
     initialize_distributed(fv.distributed)
+    from imagpose_jax.checkpoint.finite import NonFiniteParamsError
+    from imagpose_jax.data.pipeline import CorruptDataError, CorruptImageError
     from imagpose_jax.train.loop import Interrupted, NonFiniteError, train
     try:
         summary = train(fv.config, fv.workdir, progress=fv.progress)
     except Interrupted as err:
         print(f"imagpose train: {err}", file=sys.stderr)
         return 128 + err.signum
-    except NonFiniteError as err:
+    except (NonFiniteError, NonFiniteParamsError, CorruptImageError, CorruptDataError) as err:
         print(f"imagpose train: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1))

@@ -1,6 +1,6 @@
 """Pretrained weights into the sharded train state: converted parameter folders (`imagpose-convert`), read
-strictly (every key and shape checked) and slice by slice onto the devices that hold them; `init.vae` may also
-be a single VAE or SD file (converted on the host with the run's VAE settings, then placed)."""
+strictly (every key and shape checked, a NaN or inf refused) and slice by slice onto the devices that hold them;
+`init.vae` may also be a single VAE or SD file (converted on the host with the run's VAE settings, then placed)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from imagpose_jax.checkpoint.params import load_params, read_config
+from imagpose_jax.checkpoint.finite import check_finite
+from imagpose_jax.checkpoint.params import flat_values, load_params, read_config
 
 PARTS = {"model": "model", "vae": "vae", "image_encoder": "dino"}  # config.init key -> TrainState attribute
 
@@ -54,9 +55,11 @@ def _vae_from_file(path: str, c: ml_collections.ConfigDict, like: nnx.State, sha
     with `c.vae` as its diffusers config (diffusers' mapping: the `torch` extra), in the dtypes of `like`, onto `shardings`."""
     from convert_weights.vae import load_vae
     _, vae = load_vae(path, config=c.vae.to_dict())
+    params = nnx.state(vae, nnx.Param)
+    check_finite(flat_values(params), f"init.vae {path}")  # (a parameter folder is checked as it is read)
     like, sh = dict(nnx.to_flat_state(like)), dict(nnx.to_flat_state(shardings))
     return nnx.from_flat_state([(p, jax.device_put(v.get_value().astype(like[p].get_value().dtype), sh[p].get_value()))
-                                for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))])
+                                for p, v in nnx.to_flat_state(params)])
 
 
 def _params(sub: nnx.State) -> nnx.State:
