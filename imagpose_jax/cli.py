@@ -2,13 +2,16 @@
 
   imagpose generate --weights weights/ --source person.png --source-pose person_pose.json \\
       --target-pose t1.json [--target-pose t2.png ...] [--view-size 512x512] --out results/
+  imagpose generate --weights weights/ --source me.jpg --target-photo friend.jpg --dwpose ckpts/ --out results/
+                                           (poses taken from the photos: --dwpose DIR, or MediaPipe by default)
   imagpose demo --out outputs/demo         (main job: synthetic data, VAE + denoiser training, 3 scenarios scored)
   imagpose train --config configs/stage1.py --workdir runs/stage1   (one training stage; see launch/ for pods)
   imagpose make-dataset data/ ...          (the synthetic pose-transfer dataset)
   imagpose test --weights weights/ --pairs pairs.csv --annotations annotations.csv --images test/ --out gen/
                                            (every pair of a test set, resumable; or --index test.json)
   imagpose evaluate --generated gen/ --targets test/ --out eval/   (SSIM, LPIPS, FID, PSNR, L1 of a generated test set)
-  imagpose pose me.jpg --out poses/ --dwpose ckpts/   (18-keypoint OpenPose JSON + rendering from photos, DWPose)
+  imagpose pose me.jpg --out poses/ --dwpose ckpts/   (18-keypoint OpenPose JSON + rendering from photos, DWPose;
+                                                       --backend mediapipe: MediaPipe in its own environment)
 """
 from __future__ import annotations
 
@@ -40,21 +43,41 @@ def generate(args) -> int:
         raise SystemExit("error: give at least one --source image")
     if len(args.source) > 3:
         raise SystemExit(f"error: at most 3 --source images, got {len(args.source)}")
-    if len(args.source_pose) != len(args.source):
-        raise SystemExit(f"error: {len(args.source)} --source image(s) but {len(args.source_pose)} --source-pose: one each")
-    if not args.target_pose:
-        raise SystemExit("error: give at least one --target-pose")
+    if args.source_pose and len(args.source_pose) != len(args.source):
+        raise SystemExit(f"error: {len(args.source)} --source image(s) but {len(args.source_pose)} --source-pose: one "
+                         f"each (or none: then the poses are taken from the source photos)")
+    if not args.targets:
+        raise SystemExit("error: give at least one --target-pose or --target-photo")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}")
     _writable_folder(args.out)   # before the weights are loaded and minutes of sampling
+    source_poses, target_poses = _poses_from_photos(args)
     pipe = IMAGPosePipeline.from_pretrained(args.weights, _sampler_config(args))
-    result = pipe(args.source, args.source_pose, args.target_pose, view_size=args.view_size, seed=args.seed,
+    result = pipe(args.source, source_poses, target_poses, view_size=args.view_size, seed=args.seed,
                   batch_size=args.batch_size)
     for j, image in enumerate(result.targets):
         save_image(os.path.join(args.out, f"target_{j:03d}.png"), image)
     save_image(os.path.join(args.out, "sheet.png"), result.sheet())
     print(f"{len(result.targets)} target(s) from {len(result.grids)} grid(s) -> {args.out}/target_*.png, sheet.png")
     return 0
+
+
+def _poses_from_photos(args) -> tuple[list[str], list[str]]:
+    """generate's source and target poses: the ones given, and those of the photos given instead (the sources
+    without --source-pose, the --target-photo photos), extracted into OUT/poses/ (`pose_extract.photo_poses`)."""
+    photos = list(dict.fromkeys(([] if args.source_pose else args.source) +
+                                [v for kind, v in args.targets if kind == "photo"]))
+    pose_of = {}
+    if photos:
+        from imagpose_jax.pose_extract import backend_from_args, photo_poses
+        backend = backend_from_args(args)
+        try:
+            pose_of = dict(zip(photos, photo_poses(photos, backend, os.path.join(args.out, "poses"))))
+        finally:
+            getattr(backend, "close", lambda: None)()
+        print(f"poses of {len(photos)} photo(s) -> {os.path.join(args.out, 'poses')}/")
+    return (args.source_pose or [pose_of[s] for s in args.source],
+            [v if kind == "pose" else pose_of[v] for kind, v in args.targets])
 
 
 def test(args) -> int:
@@ -111,8 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", required=True, help="converted folder (imagpose-convert pipeline): denoiser/ vae/ image_encoder/")
     g.add_argument("--source", action="append", default=[], help="source image (1-3; repeat the flag)")
     g.add_argument("--source-pose", action="append", default=[],
-                   help="each source's pose: a rendered pose image or an 18-keypoint OpenPose JSON")
-    g.add_argument("--target-pose", action="append", default=[], help="target pose(s): image or OpenPose JSON (any number)")
+                   help="each source's pose: a rendered pose image or an 18-keypoint OpenPose JSON (none: taken from "
+                        "the source photos with the pose backend below)")
+    g.add_argument("--target-pose", action="append", dest="targets", default=[], type=lambda v: ("pose", v),
+                   help="target pose(s): image or OpenPose JSON (any number, in order with --target-photo)")
+    g.add_argument("--target-photo", action="append", dest="targets", type=lambda v: ("photo", v),
+                   help="a photo of someone in the target pose: its pose is extracted (into OUT/poses/) and used")
+    from imagpose_jax.pose_extract import add_backend_arguments
+    add_backend_arguments(g, prefix="pose-")
     _sampling_arguments(g, batch_size=4, batch_help="grids per compiled batch")
     g.add_argument("--out", required=True)
     g.set_defaults(fn=generate)
@@ -136,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("make-dataset", "write the synthetic pose-transfer dataset (see imagpose make-dataset --help)"),
                        ("aot", "compile a training stage for a TPU topology on this machine (see imagpose aot --help)"),
                        ("evaluate", "score a folder of generated images against their targets (see imagpose evaluate --help)"),
-                       ("pose", "OpenPose JSON and pose images from photos, with DWPose (see imagpose pose --help)")):
+                       ("pose", "OpenPose JSON and pose images from photos, with DWPose or MediaPipe (see imagpose pose "
+                                "--help)")):
         sub.add_parser(name, help=text, add_help=False)
     return p
 
