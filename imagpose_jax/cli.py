@@ -73,6 +73,8 @@ def _poses_from_photos(args) -> tuple[list[str], list[str]]:
         backend = backend_from_args(args)
         try:
             pose_of = dict(zip(photos, photo_poses(photos, backend, os.path.join(args.out, "poses"))))
+        except RuntimeError as err:   # a backend that stopped (the MediaPipe worker)
+            raise SystemExit(f"error: {err}") from None
         finally:
             getattr(backend, "close", lambda: None)()
         print(f"poses of {len(photos)} photo(s) -> {os.path.join(args.out, 'poses')}/")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -188,7 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.create_mediapipe_venv:
         from imagpose_jax.data.mediapipe_pose import create_venv
-        print(f"MediaPipe environment: {create_venv(args.mediapipe_venv)}")
+        try:
+            print(f"MediaPipe environment: {create_venv(args.mediapipe_venv)}")
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+            raise SystemExit(f"error: {err}") from None
         if not args.photos:
             return 0
     if not args.photos or not args.out:
@@ -202,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 n = int((r["keypoints"][:, 2] > 0).sum())
                 print(f"{r['photo']}: {n}/{NUM_KEYPOINTS} keypoints -> {r['json']}, {r['png']}")
+    except RuntimeError as err:   # a backend that stopped (the MediaPipe worker)
+        raise SystemExit(f"error: {err}") from None
     finally:
         close = getattr(backend, "close", None)
         if close is not None:

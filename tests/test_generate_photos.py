@@ -15,17 +15,13 @@ pytest.importorskip("onnxruntime", reason="the DWPose backend runs on onnxruntim
 SAMPLING = ["--view-size", "64x64", "--steps", "2"]   # test_sampler.py's program: one grid, 2 steps
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from imagpose_jax.testing import save_tiny_pipeline
-    return save_tiny_pipeline(tmp_path_factory.mktemp("weights"))
-
-
-def test_two_photos_one_command(posed_onnx_dir, weights, tmp_path, capsys):
+def test_two_photos_one_command(posed_onnx_dir, tiny_weights, tmp_path, capsys):
     from imagpose_jax.data.dwpose import DWPose
     from imagpose_jax.pose_extract import extract_poses
     from imagpose_jax.sampling.pipeline import IMAGPosePipeline
     from imagpose_jax.sampling.sampler import SamplerConfig
+
+    weights = tiny_weights
 
     me, friend = tmp_path / "me.png", tmp_path / "friend.jpg"
     Image.fromarray(photo()).save(me)
@@ -54,7 +50,8 @@ def test_two_photos_one_command(posed_onnx_dir, weights, tmp_path, capsys):
     assert (out / "sheet.png").is_file()
 
 
-def test_photo_without_a_person_is_named(posed_onnx_dir, weights, tmp_path, capsys):
+def test_photo_without_a_person_is_named(posed_onnx_dir, tiny_weights, tmp_path, capsys):
+    weights = tiny_weights
     me, dark = tmp_path / "me.png", tmp_path / "night.png"
     Image.fromarray(photo()).save(me)
     Image.fromarray(photo(bright=False)).save(dark)

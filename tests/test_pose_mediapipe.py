@@ -8,6 +8,7 @@ when it cannot be)."""
 import json
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -114,3 +115,9 @@ def test_missing_environment_is_named(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "me.png")
     with pytest.raises(SystemExit, match=f"error: no MediaPipe environment at {nowhere}"):
         main([str(tmp_path / "me.png"), "--out", str(tmp_path / "o"), "--mediapipe-venv", str(nowhere)])
+    # an environment without mediapipe: the worker's last error line, in one line
+    os.makedirs(os.path.dirname(mpp.venv_python(tmp_path / "bare")))
+    os.symlink(sys.executable, mpp.venv_python(tmp_path / "bare"))
+    with pytest.raises(SystemExit, match=r"^error: the MediaPipe worker .* stopped: ModuleNotFoundError: No module named "
+                                         r"'mediapipe' \(a mediapipe==0\.10\.21 environment\?[^\n]*$"):
+        main([str(tmp_path / "me.png"), "--out", str(tmp_path / "o"), "--mediapipe-venv", str(tmp_path / "bare")])

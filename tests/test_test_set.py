@@ -12,7 +12,6 @@ from imagpose_jax.data.index import DataFormatError, read_deepfashion_pairs, rea
 from imagpose_jax.data.synthetic import make_deepfashion_dataset, make_synthetic_dataset
 from imagpose_jax.metrics import pair_metrics
 from imagpose_jax.sampling.test_set import PARTIAL, generate_test_set, output_name, read_test_pairs
-from imagpose_jax.testing import save_tiny_pipeline
 
 # test_sampler.py's program (2 grids of 64x64 views, 2 steps): in one session the compiled sampler is reused
 VIEW, STEPS, BATCH = (64, 64), 2, 2
@@ -20,10 +19,10 @@ SAMPLING = ["--view-size", "64x64", "--steps", str(STEPS), "--batch-size", str(B
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, tiny_weights):
     root = tmp_path_factory.mktemp("test_set")
     files = make_deepfashion_dataset(root / "deepfashion", num_persons=2, poses_per_person=3, seed=2, test_fraction=0.5)
-    return root, files["test"], save_tiny_pipeline(root / "weights")
+    return root, files["test"], tiny_weights
 
 
 @pytest.fixture(scope="module")

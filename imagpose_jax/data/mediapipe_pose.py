@@ -147,9 +147,11 @@ class MediaPipePose:
         line = self._proc.stdout.readline()
         if not line:
             self._stderr.seek(0)
-            err = self._stderr.read().decode(errors="replace").strip()[-1500:]
+            lines = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
             self.close()
-            raise RuntimeError(f"the MediaPipe worker ({self.python}) stopped: {err or 'no message'}")
+            last = lines[-1].strip() if lines else "no message"
+            raise RuntimeError(f"the MediaPipe worker ({self.python}) stopped: {last} (a mediapipe=={MEDIAPIPE_VERSION} "
+                               f"environment? `imagpose pose --create-mediapipe-venv --mediapipe-venv DIR` makes one)")
         return json.loads(line)
 
     def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:

@@ -19,8 +19,8 @@ Outputs, named and sized as the peers' evaluation scripts expect:
   - ``naming="pcdms"``: ``{from}_to_{to}.png``, PCDMs' (tencent-ailab/PCDMs ``stage3_batchtest_refined_model.py``);
     its ``metrics.py`` finds the target as ``name.split('_to_')[-1]``.
   Size: 256x176 (H x W) by default, the DeepFashion protocol's (PCDMs ``caculate_metrics_256.py`` and PIDM's
-  metrics resize to 176x256 W x H; CFLD ``pose_transfer_test.py`` interpolates its samples to the 256x176 ground
-  truth), or 512x352 (PCDMs ``caculate_metrics_512.py``): the generated view is resized to it (bicubic).
+  metrics resize to 176x256 W x H; CFLD ``pose_transfer_test.py`` interpolates its samples, bicubic, to the size
+  of its ground truth), or 512x352 (PCDMs ``caculate_metrics_512.py``): the generated view is resized to it (bicubic).
   ``imagpose evaluate`` pairs both namings with their targets.
 
 Resumable: a pair whose output exists is skipped, so a rerun after an interruption generates only the rest. Each
@@ -173,7 +173,7 @@ def generate_test_set(pipe, pairs: Sequence[TestPair], out_dir: str | os.PathLik
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(out_dir), PARTIAL.format(name="*", pid="*"))):
         os.remove(stale)   # left by a killed run
-    bs = batch_size or GRIDS_PER_DEVICE * jax.local_device_count()
+    bs = GRIDS_PER_DEVICE * jax.local_device_count() if batch_size is None else batch_size
     if bs < 1:
         raise ValueError(f"batch_size must be at least 1, got {bs}")
     todo = [p for p in pairs if not os.path.isfile(os.path.join(out_dir, p.name))]
