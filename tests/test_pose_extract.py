@@ -33,7 +33,7 @@ ort = pytest.importorskip("onnxruntime", reason="the DWPose backend runs on onnx
 RTMLIB_VERSION = "0.0.16"
 OPENCV_VERSION = "4.13.0.92"
 
-from pose_fixtures import PHOTO_HW, PLANTED, R, onnx_dir, photo  # noqa: F401 (onnx_dir: a fixture)
+from pose_fixtures import PLANTED, R, onnx_dir, photo  # noqa: F401 (onnx_dir: a fixture)
 
 
 # ----------------------------------------------------------------------------------------------

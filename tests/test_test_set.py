@@ -110,7 +110,8 @@ def test_original_json_index_and_pcdms_names(tmp_path, pipe):
     """The original's index (pose renderings): each person's first view to its other views, PCDMs' names at the
     images' own 128x128, evaluated against the index's image folder (sources included)."""
     from imagpose_jax.metrics.folders import evaluate_folders
-    test = make_synthetic_dataset(tmp_path / "synth", num_persons=2, poses_per_person=3, seed=1, test_fraction=0.5)["test"]
+    test = make_synthetic_dataset(tmp_path / "synth", num_persons=2, poses_per_person=3, seed=1,
+                                  test_fraction=0.5)["test"]
     pairs = read_test_pairs(index_json=test.index_json, naming="pcdms")
     (person,) = read_imagpose_json(test.index_json)
     stems = [os.path.basename(v.image)[:-4] for v in person.views]

@@ -34,7 +34,8 @@ MEDIAPIPE_VERSION = "0.10.21"
 VENV_ENV = "IMAGPOSE_MEDIAPIPE_VENV"
 VISIBILITY_THR = 0.5
 NUM_LANDMARKS = 33
-# OpenPose body point i is MediaPipe landmark MEDIAPIPE_FOR_OPENPOSE[i]; None: the neck, the shoulders' (11, 12) midpoint.
+# OpenPose body point i is MediaPipe landmark MEDIAPIPE_FOR_OPENPOSE[i]; None: the neck, the shoulders' (11, 12)
+# midpoint.
 MEDIAPIPE_FOR_OPENPOSE = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
 # `create_venv`'s install: mediapipe without its declared dependencies (jax, jaxlib, sounddevice, sentencepiece and
 # the GUI OpenCV, which legacy pose does not use), then what its `solutions` import needs. 23 s and 400 MB here
@@ -82,10 +83,12 @@ def create_venv(venv: str | os.PathLike | None = None, *, python: str = sys.exec
         return venv
     tmp = f"{venv}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(venv), exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "--python", venv_python(tmp), "install", "--quiet", "--disable-pip-version-check"]
+    pip = [sys.executable, "-m", "pip", "--python", venv_python(tmp), "install", "--quiet",
+           "--disable-pip-version-check"]
+    steps = ([python, "-m", "venv", "--without-pip", tmp], pip + ["--no-deps", f"mediapipe=={MEDIAPIPE_VERSION}"],
+             pip + list(VENV_PACKAGES))
     try:
-        for cmd in ([python, "-m", "venv", "--without-pip", tmp], pip + ["--no-deps", f"mediapipe=={MEDIAPIPE_VERSION}"],
-                    pip + list(VENV_PACKAGES)):
+        for cmd in steps:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             if proc.returncode != 0:
                 raise RuntimeError(f"creating the MediaPipe environment {venv} failed at `{' '.join(cmd[:6])} ...`: "
@@ -150,8 +153,9 @@ class MediaPipePose:
             lines = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
             self.close()
             last = lines[-1].strip() if lines else "no message"
-            raise RuntimeError(f"the MediaPipe worker ({self.python}) stopped: {last} (a mediapipe=={MEDIAPIPE_VERSION} "
-                               f"environment? `imagpose pose --create-mediapipe-venv --mediapipe-venv DIR` makes one)")
+            raise RuntimeError(f"the MediaPipe worker ({self.python}) stopped: {last} (a mediapipe=="
+                               f"{MEDIAPIPE_VERSION} environment? `imagpose pose --create-mediapipe-venv --mediapipe-venv "
+                               f"DIR` makes one)")
         return json.loads(line)
 
     def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
