@@ -62,3 +62,40 @@ def tiny_models(seed: int = 0, *, use_cva: bool = True, nonzero: bool = True):
     vae = AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=ParamKeys(seed + 1))
     dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(seed + 2))
     return model, vae, dino
+
+
+
+def save_tiny_pipeline(folder, seed: int = 0) -> str:
+    """An inference folder (`checkpoint.folder.PipelineFolder`: denoiser/, vae/, image_encoder/) of the tiny models'
+    configs, what `IMAGPosePipeline.from_pretrained` and `imagpose generate` / `imagpose test` load. Random weights
+    drawn in NumPy on abstract models (kernels LeCun-normal, norm scales 1, the rest N(0, 0.02)): no eager
+    initialisation (minutes on a loaded 2-core machine); the same folder for the same seed."""
+    import os
+
+    import jax
+    from flax import nnx
+    from imagpose_jax.checkpoint.folder import PipelineFolder
+    from imagpose_jax.checkpoint.params import save_params
+    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
+    from imagpose_jax.models.imagpose import IMAGPose
+    from imagpose_jax.models.init import abstract
+    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        leaf = [getattr(k, "key", None) for k in path if getattr(k, "key", None) is not None][-1]
+        if leaf == "scale":
+            return np.ones(x.shape, x.dtype)
+        std = 1 / np.sqrt(np.prod(x.shape[:-1])) if leaf == "kernel" else 0.02   # kernels: LeCun normal
+        return (std * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    cfg = tiny_model_config()
+    out = PipelineFolder(folder)
+    for path, config, ctor in ((out.denoiser, cfg.to_dict(), lambda k: IMAGPose(cfg, rngs=k)),
+                               (out.vae, TINY_VAE, lambda k: AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=k)),
+                               (out.image_encoder, TINY_DINO,
+                                lambda k: Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=k))):
+        params = jax.tree_util.tree_map_with_path(draw, nnx.state(abstract(ctor), nnx.Param))
+        save_params(path, dict(config), params)
+    return os.fspath(folder)

@@ -16,3 +16,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """An inference folder of the tiny random-weight models (`testing.save_tiny_pipeline`), for the commands that
+    load weights (`imagpose test`, `imagpose generate`)."""
+    from imagpose_jax.testing import save_tiny_pipeline
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_weights"))

@@ -261,3 +261,17 @@ def test_other_folder_errors(tmp_path):
         evaluate_folders(tmp_path / "nothere", tmp_path / "t", progress=False)
     with pytest.raises(ValueError, match="needs an Inception model"):
         evaluate_folders(tmp_path / "g", tmp_path / "t", fid_real_dir=tmp_path / "t", progress=False)
+
+
+def test_pair_names_find_their_targets(tmp_path):
+    """`imagpose test`'s names (PIDM's FROM_2_TO_vis, PCDMs' FROM_to_TO) pair with TO; targets no generated image
+    names (the test folder's sources) are not an error then, a pair name whose target is missing is."""
+    from imagpose_jax.metrics.folders import match_pairs
+    blank(tmp_path / "t", ["a.jpg", "b.jpg", "c.jpg", "unused.jpg"])
+    blank(tmp_path / "g", ["a_2_b_vis.png", "b_2_c_vis.png", "c_to_a.png"])
+    got = [(n, os.path.basename(g), os.path.basename(t)) for n, g, t in match_pairs(tmp_path / "g", tmp_path / "t")]
+    assert got == [("a_2_b_vis", "a_2_b_vis.png", "b.jpg"), ("b_2_c_vis", "b_2_c_vis.png", "c.jpg"),
+                   ("c_to_a", "c_to_a.png", "a.jpg")]
+    blank(tmp_path / "g", ["a_2_nobody_vis.png"])
+    with pytest.raises(EvaluationError, match=r"^1 generated image\(s\) have no target .*: a_2_nobody_vis\.png$"):
+        match_pairs(tmp_path / "g", tmp_path / "t")

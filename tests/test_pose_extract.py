@@ -32,93 +32,8 @@ ort = pytest.importorskip("onnxruntime", reason="the DWPose backend runs on onnx
 
 RTMLIB_VERSION = "0.0.16"
 OPENCV_VERSION = "4.13.0.92"
-PHOTO_HW = (720, 540)
-R = min(640 / PHOTO_HW[0], 640 / PHOTO_HW[1])        # the letterbox scale
 
-
-def _logit(p):
-    return float(np.log(p / (1 - p)))
-
-
-# Planted detector boxes, in letterbox pixels: (centre x, centre y, w, h, stride, objectness, class, class score).
-PLANTED = {
-    "person_a": (130, 330, 180, 540, 32, 0.95, 0, 0.95),   # score 0.9025
-    "overlap_a": (140, 320, 170, 520, 16, 0.80, 0, 0.75),  # 0.6, IoU with person_a > 0.45: NMS removes it
-    "person_b": (360, 330, 200, 460, 8, 0.90, 0, 0.90),    # 0.81
-    "weak": (300, 40, 60, 50, 8, 0.50, 0, 0.40),           # 0.2: past NMS's 0.1, not the 0.3 after it
-    "bicycle": (200, 300, 150, 150, 16, 0.95, 1, 0.95),    # another class
-}
-
-
-def _detector_bias() -> np.ndarray:
-    bias = np.zeros((8400, 85), np.float32)
-    bias[:, 4:] = _logit(1e-4)
-    offsets = {8: 0, 16: 6400, 32: 8000}
-    for cx, cy, w, h, s, obj, cls, p in PLANTED.values():
-        gx, gy = int(cx // s), int(cy // s)
-        i = offsets[s] + gy * (640 // s) + gx
-        bias[i, :4] = (cx / s - gx, cy / s - gy, np.log(w / s), np.log(h / s))
-        bias[i, 4] = _logit(obj)
-        bias[i, 5 + cls] = _logit(p)
-    return bias
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="the stand-in ONNX files are exported by torch")
-    pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package")
-    from torch import nn
-    from torch.nn import functional as F
-
-    class TinyYOLOX(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("bias", torch.from_numpy(_detector_bias()))
-            self.read = nn.Linear(3, 85, bias=False)
-            nn.init.normal_(self.read.weight, std=1e-5)
-
-        def forward(self, x):
-            feats = torch.cat([F.avg_pool2d(x, s).flatten(2) for s in (8, 16, 32)], -1).transpose(1, 2)
-            raw = self.bias + self.read(feats)                                       # (1, 8400, 85)
-            gate = torch.sigmoid(50 * (x[:, :, :32, :32].mean() / 255 - 0.1))      # the photo's top-left corner
-            return torch.cat([raw[..., :4], torch.sigmoid(raw[..., 4:]) * gate], -1)
-
-    class TinySimCC(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv_x, self.conv_y = nn.Conv1d(1, 133, 31, padding=15), nn.Conv1d(1, 133, 31, padding=15)
-            self.register_buffer("amp", torch.where(torch.arange(133) % 4 == 3, 0.2, 1.0)[:, None])
-
-        def forward(self, x):
-            g = x.mean(1, keepdim=True)                                       # (1, 1, 384, 288)
-            px = F.interpolate(g.mean(2), scale_factor=2.0, mode="linear")    # (1, 1, 576)
-            py = F.interpolate(g.mean(3), scale_factor=2.0, mode="linear")    # (1, 1, 768)
-            return torch.sigmoid(3 * self.conv_x(px)) * self.amp, torch.sigmoid(3 * self.conv_y(py)) * self.amp
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("dwpose")
-    with torch.no_grad():
-        for model, shape, name, outs in ((TinyYOLOX(), (1, 3, 640, 640), dwpose.DETECTOR_FILE, ["output"]),
-                                         (TinySimCC(), (1, 3, 384, 288), dwpose.POSE_FILE, ["simcc_x", "simcc_y"])):
-            torch.onnx.export(model.eval(), (torch.zeros(shape),), str(d / name), input_names=["input"],
-                              output_names=outs, dynamo=False)
-    return d
-
-
-def _photo(bright: bool = True) -> np.ndarray:
-    """A (720, 540) RGB photo: a light backdrop with two 'persons' of coloured blobs (or all dark)."""
-    h, w = PHOTO_HW
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    img = np.stack([200 - 0.05 * yy, 190 - 0.04 * xx, 180 + 0.02 * (xx - yy)], -1)
-    rng = np.random.default_rng(3)
-    for cx, cy, bw, bh in ((130, 330, 180, 540), (360, 330, 200, 460)):
-        for _ in range(6):
-            x0, y0 = (cx + rng.uniform(-0.3, 0.3) * bw) / R, (cy + rng.uniform(-0.4, 0.4) * bh) / R
-            sx, sy = rng.uniform(8, 30) / R, rng.uniform(10, 50) / R
-            blob = np.exp(-(((xx - x0) / sx) ** 2 + ((yy - y0) / sy) ** 2) / 2)
-            img = img * (1 - blob[..., None]) + blob[..., None] * rng.uniform(0, 255, 3)
-    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255)
-    return (img if bright else img * 0.1).astype(np.uint8)
+from pose_fixtures import PLANTED, R, onnx_dir, photo  # noqa: F401 (onnx_dir: a fixture)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +93,7 @@ def ref(onnx_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("pose_ref")
     noise = np.random.default_rng(1).integers(0, 256, (1280, 960, 3), dtype=np.uint8)
     matrices = np.stack([dwpose.crop_matrix(*dwpose.box_center_scale(b, (288, 384)), (288, 384)) for b in WARP_BOXES])
-    inputs = {"photo": _photo(), "dark": _photo(bright=False), "noise": noise, "matrices": matrices}
+    inputs = {"photo": photo(), "dark": photo(bright=False), "noise": noise, "matrices": matrices}
     np.savez(work / "inputs.npz", **inputs)
     proc = subprocess.run([sys.executable, "-c", REFERENCE, str(site), str(onnx_dir), str(work)],
                           capture_output=True, text=True, timeout=300)
@@ -276,15 +191,15 @@ def test_cli_writes_json_and_rendering(onnx_dir, backend, tmp_path, capsys):
     from imagpose_jax.cli import main
     from imagpose_jax.pose_extract import extract_poses
 
-    photo, dark = tmp_path / "me.png", tmp_path / "night.jpg"
-    Image.fromarray(_photo()).save(photo)
-    Image.fromarray(_photo(bright=False)).save(dark, quality=95)
+    me, dark = tmp_path / "me.png", tmp_path / "night.jpg"
+    Image.fromarray(photo()).save(me)
+    Image.fromarray(photo(bright=False)).save(dark, quality=95)
     out = tmp_path / "poses"
-    assert main(["pose", str(photo), str(dark), "--out", str(out), "--dwpose", str(onnx_dir), "--cpu"]) == 0
+    assert main(["pose", str(me), str(dark), "--out", str(out), "--dwpose", str(onnx_dir), "--cpu"]) == 0
     logs = capsys.readouterr()
     assert "no person detected" in logs.err and "night.jpg" in logs.err
 
-    (kp, none) = extract_poses([photo, dark], backend)
+    (kp, none) = extract_poses([me, dark], backend)
     assert none is None
     data = json.loads((out / "me_pose.json").read_text())
     assert data["version"] == 1.3 and (data["canvas_width"], data["canvas_height"]) == (540, 720)
@@ -311,6 +226,6 @@ def test_missing_model_file_is_named(onnx_dir, tmp_path):
     assert dwpose.DETECTOR_FILE not in str(err.value).split("(")[0]
     from imagpose_jax.pose_extract import main
 
-    Image.fromarray(_photo()).save(tmp_path / "me.png")
+    Image.fromarray(photo()).save(tmp_path / "me.png")
     with pytest.raises(SystemExit, match=f"error: DWPose model file.*{dwpose.POSE_FILE}"):
         main([str(tmp_path / "me.png"), "--out", str(tmp_path / "o"), "--dwpose", str(tmp_path)])

@@ -9,8 +9,12 @@ DeepFashion pose-transfer protocol of PIDM and PCDMs (their GFLA-derived metrics
   set) or, without them, against the targets, given Inception weights. The output says which.
 
 Pairs are matched by file name: `generated/NAME.png` is scored against `targets/NAME.jpg` (the extensions may
-differ). Every generated image needs its target and every target its generated image; a pair's two images must
-have one size, and all pairs the same one (the protocol's is 256x176: resize beforehand).
+differ), or, for the pair names `imagpose test` writes (`FROM_2_TO_vis.png`, PIDM's/GFLA's; `FROM_to_TO.png`,
+PCDMs'), against `targets/TO.jpg`, found as those papers' metric scripts find it (the part after the last `_2_`
+and before `_vis`; after the last `_to_`). Every generated image needs its target; with plain names every target
+also needs its generated image (with pair names the targets folder may be the whole test folder, sources
+included). A pair's two images must have one size, and all pairs the same one (the protocol's is 256x176: resize
+beforehand).
 
 Memory stays bounded: pairs stream in fixed-size batches (the last one padded by repetition, so one compiled
 program serves them all), each batch read by a thread pool while the previous one is measured; only the (N,)
@@ -26,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +48,9 @@ from imagpose_jax.metrics.lpips import LPIPS, load_lpips
 TABLE = (("ssim", "SSIM ↑", 4), ("lpips", "LPIPS ↓", 4), ("fid", "FID ↓", 2), ("psnr", "PSNR ↑", 2), ("l1", "L1 ↓", 4))
 SSIM_PROTOCOL = "skimage structural_similarity, win_size=51, data_range=1, uniform window, sample covariance"
 MAX_LISTED = 5
+# The pair names of `imagpose test` (and of PIDM/GFLA, PCDMs): the target after the last `_2_` (before `_vis`), or
+# after the last `_to_`.
+PAIR_NAMES = (re.compile(r"^(?P<source>.+)_2_(?P<target>.+)_vis$"), re.compile(r"^(?P<source>.+)_to_(?P<target>.+)$"))
 
 
 class EvaluationError(ValueError):
@@ -77,20 +85,35 @@ def list_images(folder: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def target_name(stem: str, targets) -> str | None:
+    """The target (name without extension, in `targets`) a generated image's name pairs with: the same name, else
+    the target part of a pair name (`PAIR_NAMES`); None if neither is in `targets`."""
+    if stem in targets:
+        return stem
+    for pattern in PAIR_NAMES:
+        m = pattern.match(stem)
+        if m and m["target"] in targets:
+            return m["target"]
+    return None
+
+
 def match_pairs(generated_dir: str | os.PathLike, targets_dir: str | os.PathLike) -> list[tuple[str, str, str]]:
     """(name, generated path, target path) of every pair, sorted by name. EvaluationError naming the images
     without a counterpart (up to MAX_LISTED of each kind, and their count)."""
     generated_dir, targets_dir = os.fspath(generated_dir), os.fspath(targets_dir)
     gen, tgt = list_images(generated_dir), list_images(targets_dir)
+    of = {s: target_name(s, tgt) for s in gen}
     problems = []
-    for have, lack, what, where in ((gen, tgt, "generated image(s) have no target", targets_dir),
-                                    (tgt, gen, "target(s) have no generated image", generated_dir)):
-        alone = [have[s] for s in have if s not in lack]
+    alone = [gen[s] for s, t in of.items() if t is None]
+    if alone:
+        problems.append(f"{len(alone)} generated image(s) have no target in {targets_dir!r}: {_listing(alone)}")
+    if not any(t is not None and t != s for s, t in of.items()):   # plain names: the folders hold the same names
+        alone = [tgt[t] for t in tgt if t not in gen]
         if alone:
-            problems.append(f"{len(alone)} {what} in {where!r}: {_listing(alone)}")
+            problems.append(f"{len(alone)} target(s) have no generated image in {generated_dir!r}: {_listing(alone)}")
     if problems:
         raise EvaluationError("; ".join(problems))
-    return [(s, os.path.join(generated_dir, gen[s]), os.path.join(targets_dir, tgt[s])) for s in gen]
+    return [(s, os.path.join(generated_dir, gen[s]), os.path.join(targets_dir, tgt[of[s]])) for s in gen]
 
 
 def read_image(path: str) -> np.ndarray:

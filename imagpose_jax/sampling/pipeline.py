@@ -123,18 +123,23 @@ class IMAGPosePipeline:
         return Generation([targets[j] for j in range(len(target_poses))], grids, layouts,
                           [(v + 1) / 2 for v in src], tgt_p)
 
-    def generate_grids(self, batch: Batch, *, seed: int = 42, batch_size: int = 4, progress: bool = True) -> np.ndarray:
+    def generate_grids(self, batch: Batch, *, seed: int = 42, batch_size: int = 4, progress: bool = True,
+                       indices=None) -> np.ndarray:
         """A `Batch` of G grids -> the decoded grids (G, 2H, 2W, 3) in [0, 1]. Grids run `batch_size` at a time (the
         last batch padded, so one compiled program serves all); each grid's starting noise depends only on `seed`
-        and the grid's index."""
+        and the grid's index: its position in `batch`, or `indices[g]` (e.g. its place in a whole test set, so that
+        a grid's result does not depend on the batch it runs in)."""
         import jax
         from tqdm import tqdm
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         n = len(batch.grid)
+        indices = range(n) if indices is None else [int(i) for i in indices]
+        if len(indices) != n:
+            raise ValueError(f"{len(indices)} noise indices for {n} grids")
         shape = self.sampler.latent_shape(*batch.grid.shape[1:3])
         noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape))
-                          for i in range(n)])
+                          for i in indices])
         out = []
         bs = min(batch_size, n)
         for start in tqdm(range(0, n, bs), disable=not progress or n <= bs, desc="grids", unit="batch"):
