@@ -5,10 +5,10 @@ accelerator, the fraction of the devices' peak (MFU).
   python -m benchmarks.train_step --size full --views 128 --batch 1 --steps 2    # SD1.5 size, small views (CPU)
   python -m benchmarks.train_step --size full --stage 2                           # the config's 512x512, bf16 (GPU/TPU)
 
-The state and the step are the trainer's own (`base_config(stage, size)`, `state_builder`, `init_train_state`,
+The state and the step are the trainer's own (`configs/stageN.py[:tiny]`, `state_builder`, `init_train_state`,
 `TrainStep`) on a mesh of all local devices; the batch is random data of the config's shapes (view size and
 global batch overridable). Compute dtype, remat and the rest are the config's (the "full" variant computes in
-bf16 with gradient checkpointing) unless --dtype / --remat override them.
+bf16 with per-block remat) unless --dtype / --remat override them.
 
 Model FLOPs per step come from XLA's cost analysis of the same step lowered with the "einsum" attention and
 without remat: every attention is then a plain dot (cuDNN / splash custom calls and the chunked kernel's loop
@@ -19,13 +19,13 @@ dtype, `benchmarks.common.PEAK_FLOPS`); "n/a" on the CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
@@ -41,20 +41,21 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, help="view size (default: the config's, 64 tiny / 512 full)")
     p.add_argument("--batch", type=int, help="global batch (default: the config's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's)")
-    p.add_argument("--remat", choices=("on", "off"), help="gradient checkpointing (default: the config's)")
+    p.add_argument("--remat", choices=("none", "block"), help="the UNet's per-block remat (default: the config's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after the first (compiling) one")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it traces the step once more)")
     p.add_argument("--out", help="result JSON (default benchmarks/results/train_step_<backend>_<size>.json)")
     a = p.parse_args(argv)
 
     import jax
+    from flax import nnx
 
     from imagpose_jax.sharding import batch_sharding, make_mesh
     from imagpose_jax.train import config as tc
     from imagpose_jax.train.state import init_train_state
     from imagpose_jax.train.step import TrainStep
 
-    c = tc.base_config(a.stage, a.size)
+    c = tc.load_config(str(ROOT / "configs" / f"stage{a.stage}.py") + (":tiny" if a.size == "tiny" else ""))
     if a.views:
         c.data.height = c.data.width = a.views
     if a.batch:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     if a.dtype:
         c.step.compute_dtype = a.dtype
     if a.remat:
-        c.step.remat = a.remat == "on"
+        c.unet.remat = a.remat
     n_dev = jax.device_count()
     if c.data.batch_size % n_dev:
         c.data.batch_size = max(n_dev, c.data.batch_size // n_dev * n_dev)
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
 
     flops = None
     if not a.no_flops:  # model FLOPs: einsum attention (plain dots), no remat; lowering only, nothing runs
-        counting = TrainStep(graphdef, dataclasses.replace(scfg, remat=False), tc.training_schedule(c))
+        plain = c.copy_and_resolve_references()
+        plain.unet.remat = "none"   # same parameters and state; the forward counted once
+        counting = TrainStep(nnx.graphdef(nnx.eval_shape(tc.state_builder(plain))), scfg, tc.training_schedule(c))
         old = os.environ.get("IMAGPOSE_ATTN_IMPL")
         os.environ["IMAGPOSE_ATTN_IMPL"] = "einsum"
         try:
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind, scfg.compute_dtype) if jax.default_backend() != "cpu" else None
     row = {"size": a.size, "stage": a.stage, "views": f"{hgt}x{wid}", "batch": b, "dtype": scfg.compute_dtype,
-           "remat": scfg.remat, "compile_s": first_s - step_s, "first_step_s": first_s, "step_s": step_s,
+           "remat": c.unet.remat, "compile_s": first_s - step_s, "first_step_s": first_s, "step_s": step_s,
            "median_step_s": float(np.median(times)) if times else None, "examples_per_s": b / step_s,
            "model_flops_per_step": flops, "achieved_tflops": None if flops is None else flops / step_s / 1e12,
            "mfu": "n/a on CPU" if jax.default_backend() == "cpu" else

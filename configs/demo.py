@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.noise = dict(NOISE_SCHEDULE)
     c.step = dict(noise_offset=0.05, snr_gamma=5.0, p_image=0.05, p_ref=0.05, p_both=0.05, compute_dtype="float32",
-                  remat=False, remat_policy=None, ema_decay=0.9999)
+                  matmul_precision="highest", ema_decay=0.9999)
     c.ema = False
     c.optim = dict(learning_rate=1e-3, b1=0.9, b2=0.999, weight_decay=0.01, eps=1e-8, clip_norm=1.0,
                    schedule="cosine", warmup_steps=50)

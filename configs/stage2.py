@@ -26,8 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Models. The denoiser: SD1.5's UNet (`UNetConfig`'s defaults: 320/640/1280/1280, 8 heads, context 768)
     # with CVA; the pose guider (one stride-2 stage per entry after the first: it downscales by 8, as the VAE); the
-    # patch embedding (kernel = stride = 16: a 512x512 view's 64x64 reference latents give 16 tokens).
-    c.unet = dict(use_cva=True)
+    # patch embedding (kernel = stride = 16: a 512x512 view's 64x64 reference latents give 16 tokens). remat
+    # "block": each resnet, transformer and CVA module recomputed on its own in the backward pass ("none": kept).
+    c.unet = dict(use_cva=True, remat="block", remat_policy=None)
     c.pose_guider_channels = (16, 32, 96, 256)
     c.patch_size = 16
     # Frozen encoders, as their diffusers / transformers config.json: sd-vae-ft-mse and dinov2-base.
@@ -51,11 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Objective (spec section 6): the noise schedule, offset noise, min-SNR-5, classifier-free-guidance dropout
     # (per sample: DINOv2 tokens only p_image, patch tokens only p_ref, both p_both), bf16 compute on fp32
-    # master weights, remat.
+    # master weights; on TPU, float32 matmuls as one bf16 pass ("default"; "highest": exact, as on the CPU).
     c.noise = dict(NOISE_SCHEDULE)
     p_image, p_ref, p_both = 0.05, 0.05, 0.05
     c.step = dict(noise_offset=0.05, snr_gamma=5.0, p_image=p_image, p_ref=p_ref, p_both=p_both,
-                  compute_dtype="bfloat16", remat=True, remat_policy=None, ema_decay=0.9999)
+                  compute_dtype="bfloat16", matmul_precision="default", ema_decay=0.9999)
     c.ema = False
     # AdamW with global-norm clipping; schedule "constant" (the original's) or "cosine" (to 0.1 x lr at `steps`).
     c.optim = dict(learning_rate=5e-5, b1=0.9, b2=0.999, weight_decay=0.01, eps=1e-8, clip_norm=1.0,
@@ -71,12 +72,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg == "tiny":  # the tiny models of `imagpose_jax.testing` on 64x64 synthetic views, fp32, for the CPU
         c.steps = 100
-        c.unet = dict(testing.TINY_UNET, use_cva=True)
+        c.unet = dict(testing.TINY_UNET, use_cva=True, remat="none", remat_policy=None)
         c.patch_size = testing.TINY_PATCH_SIZE
         c.vae = dict(testing.TINY_VAE)
         c.dino = dict(testing.TINY_DINO)
         c.data.update(format="synthetic", height=testing.TINY_VIEW, width=testing.TINY_VIEW, batch_size=2,
                       read_threads=0)
-        c.step.update(compute_dtype="float32", remat=False)
+        c.step.update(compute_dtype="float32", matmul_precision="highest")
         c.train.update(log_every=1, checkpoint_every=50, sample_every=0, sample_steps=10)
     return c

@@ -1,6 +1,7 @@
 """`imagpose aot`: the real tiny stage-2 train step (the function `imagpose train` runs: config, partition rules,
-`abstract_train_state`, `TrainStep.lower`) compiled for a Cloud TPU v5e 2x2 slice on this CPU-only machine, with the
-per-chip report, and a program too large for the chip named with the bytes needed and available."""
+`abstract_train_state`, `TrainStep.lower`) and the tiny sampler (`Sampler.lower`) compiled for a Cloud TPU v5e 2x2
+slice on this CPU-only machine, each with splash attention in the program and the per-chip report, and a program
+too large for the chip named with the bytes needed and available."""
 import pytest
 
 from train_fixtures import tiny_config
@@ -9,13 +10,19 @@ GIB = 2**30
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def v5e():
     pytest.importorskip("libtpu", reason="the tpu-aot extra (libtpu) is part of the test extra")
-    from imagpose_jax.train.aot import compile_train_step, topology_devices
-    devices, chip = topology_devices("v5e:2x2")
+    from imagpose_jax.train.aot import topology_devices
     c = tiny_config(2)
     c.mesh.update(data=2, fsdp=2)
     c.data.batch_size = 4
+    return c, *topology_devices("v5e:2x2")
+
+
+@pytest.fixture(scope="module")
+def compiled(v5e):
+    from imagpose_jax.train.aot import compile_train_step
+    c, devices, chip = v5e
     return compile_train_step(c, devices, chip), chip
 
 
@@ -26,7 +33,20 @@ def test_tiny_stage2_step_compiles_for_v5e(compiled):
     assert chip.hbm_bytes == 16 * GIB and p["hbm_bytes"] == chip.hbm_bytes
     assert 0 < p["params_bytes"] < p["argument_bytes"] and p["batch_bytes"] > 0
     assert 0 < p["peak_bytes"] < chip.hbm_bytes and p["flops"] > 1e8
+    # splash attention (a Mosaic kernel) forward and backward, in the program for the TPU, not interpreted
+    assert report["tpu_custom_calls"] >= 3, report["tpu_custom_calls"]
     print({k: v for k, v in report.items() if k != "per_chip"}, p)
+
+
+def test_tiny_sampler_compiles_for_v5e(v5e):
+    from imagpose_jax.train.aot import compile_sampler, format_report
+    c, devices, chip = v5e
+    report = compile_sampler(c, devices, chip, steps=2)
+    p = report["per_chip"]
+    assert report["batch_size"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1}
+    assert report["tpu_custom_calls"] >= 1 and 0 < p["peak_bytes"] < chip.hbm_bytes and p["flops"] > 1e8
+    assert p["argument_bytes"] >= p["weights_bytes"] > 0   # the weights replicated on every chip
+    assert "sampler: 4 chips, batch 4 grids of 64x64 views, 2 steps" in format_report(report)
 
 
 def test_too_large_for_the_chip_is_named(compiled):

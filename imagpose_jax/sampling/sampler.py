@@ -62,18 +62,19 @@ class SamplerConfig:
 class Sampler:
     """`Sampler(model, vae, dino, cfg)(batch, noise=... or key=...)` -> images (B, 2H, 2W, 3) in [0, 1].
 
-    With several local devices the batch is split over them (data parallel) and the weights replicated. The
-    sampler holds the modules' (graphdef, state) split: it never writes into the modules it was given.
+    With several local devices (or on `mesh`, e.g. of a TPU topology's devices for `lower`) the batch is split
+    over them (data parallel) and the weights replicated. The sampler holds the modules' (graphdef, state) split:
+    it never writes into the modules it was given; abstract modules (`nnx.eval_shape`) serve for `lower`.
     """
 
-    def __init__(self, model, vae, dino, cfg: SamplerConfig = SamplerConfig()):
+    def __init__(self, model, vae, dino, cfg: SamplerConfig = SamplerConfig(), *, mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg
         self.scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_inference_steps)
         self.vae_cfg = vae.cfg
         self.view_multiple = view_multiple(model.unet.grid_multiple, vae.cfg.downscale_factor)  # pixels a view side
         self.traces = 0  # how many times the program was traced (compiled): once per input shape
-        self.mesh = None
-        if jax.local_device_count() > 1:
+        self.mesh = mesh
+        if mesh is None and jax.local_device_count() > 1:
             self.mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
                                       axis_types=(jax.sharding.AxisType.Auto,))
         self._graphdef, self._state = nnx.split(nnx.List([model, vae, dino]))
@@ -86,9 +87,19 @@ class Sampler:
         graphdef, state = nnx.split(nnx.List([model, vae, dino]))
         if graphdef != self._graphdef:
             raise ValueError("set_weights needs modules of the sampler's own classes and configs")
-        if self.mesh is not None:
+        if self.mesh is not None and not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
             state = jax.device_put(state, NamedSharding(self.mesh, P()))
         self._state = state
+
+    def lower(self, batch: Batch, noise) -> jax.stages.Lowered:
+        """The program lowered for `batch` and `noise` (arrays or `jax.ShapeDtypeStruct`s, with shardings on
+        `self.mesh` for a sharded batch) and the weights the sampler holds (replicated on the mesh): `.compile()`
+        gives the program `__call__` runs, also for devices this host does not have (`train.aot`)."""
+        rep = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), self._state)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        return self._run.lower(state, as_batch(batch), noise, scalar, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latents (h, w, C) of a (height, width) grid under this sampler's VAE."""

@@ -1,13 +1,16 @@
-"""`imagpose aot`: compile the real train step for a Cloud TPU topology on this (CPU-only) machine and report what
-it needs per chip, before any pod is rented.
+"""`imagpose aot`: compile the real train step and the sampler for a Cloud TPU topology on this (CPU-only) machine
+and report what they need per chip, before any pod is rented.
 
-  imagpose aot --config configs/stage3.py --topology v5e:4x4 [--slices N] [--config.KEY=VALUE ...]
+  imagpose aot --config configs/stage3.py --topology v5e:4x4 [--slices N] [--program train|sampler|both]
+      [--json report.json] [--config.KEY=VALUE ...]
 
 The program is the one `imagpose train` runs: the same config and overrides, `load_config` -> `state_builder` ->
 `abstract_train_state` (partition rules, mesh from the config) -> `TrainStep` (remat, dtypes, donation) ->
 `TrainStep.lower(state spec, batch spec).compile()`, with the devices of the topology (`jax.experimental.topologies`,
 the `libtpu` wheel of the `tpu-aot` extra). XLA's memory analysis gives the per-chip bytes and the cost analysis the
-FLOPs; a program over the chip's HBM is an error naming the bytes needed and available.
+FLOPs; a program over the chip's HBM is an error naming the bytes needed and available. The sampler is
+`Sampler.lower` for the config's models and views (`train.sample_steps` steps at `train.sample_guidance`), one
+grid per chip, the weights replicated.
 """
 from __future__ import annotations
 
@@ -64,6 +67,30 @@ def _bytes(tree) -> int:
     return total
 
 
+def _compile(lowered, chip: Chip, what: str):
+    """lowered.compile() -> (compiled, memory analysis, cost analysis); an HBM overflow that XLA finds while
+    compiling is `DoesNotFit`."""
+    try:
+        compiled = lowered.compile()
+    except Exception as err:   # noqa: BLE001 - XLA reports an HBM overflow at compile time
+        if "RESOURCE_EXHAUSTED" in str(err) or "exceed" in str(err).lower():
+            raise DoesNotFit(f"XLA: {what} does not fit in {chip.hbm_bytes / GIB:.2f} GiB per chip: "
+                             f"{str(err).splitlines()[0][:600]}") from err
+        raise
+    cost = compiled.cost_analysis()
+    return compiled, compiled.memory_analysis(), cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def _peak(mem) -> int:
+    return int(getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                                           - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
+
+
+def _tpu_kernels(compiled) -> int:
+    """Mosaic (Pallas) kernels in the compiled TPU program, e.g. splash attention."""
+    return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
 def compile_train_step(c, devices, chip: Chip) -> dict:
     """The train step of config `c` compiled for `devices` -> a per-chip report (bytes, FLOPs, step time at peak);
     `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`."""
@@ -84,60 +111,100 @@ def compile_train_step(c, devices, chip: Chip) -> dict:
         raise ValueError(f"data.batch_size {d.batch_size} does not split over the mesh's data x fsdp = "
                          f"{mesh.shape['data']} x {mesh.shape['fsdp']} batch shards")
     batch = batch_spec(d.batch_size, d.height, d.width, sharding=batch_sharding(mesh))
-    try:
-        compiled = step.lower(state, batch).compile()
-    except Exception as err:   # noqa: BLE001 - XLA reports an HBM overflow at compile time
-        if "RESOURCE_EXHAUSTED" in str(err) or "exceed" in str(err).lower():
-            raise DoesNotFit(f"XLA: the train step does not fit in {chip.hbm_bytes / GIB:.2f} GiB per chip: "
-                             f"{str(err).splitlines()[0][:600]}") from err
-        raise
-    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    compiled, mem, cost = _compile(step.lower(state, batch), chip, "the train step")
     ts = nnx.State(state) if not isinstance(state, nnx.State) else state
     params = _bytes(nnx.filter_state(ts["model"], nnx.Param))
     frozen = _bytes(ts["vae"]) + _bytes(ts["dino"])
     opt = _bytes(ts["optimizer"]) + (_bytes(ts["ema"]) if ts.get("ema") is not None else 0)
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                                           - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
+    peak = _peak(mem)
     flops = float(cost.get("flops", 0.0))
     step_s = flops / chip.peak_bf16_flops if flops else None
-    text = compiled.as_text()
     report = {
-        "devices": len(devices), "mesh": dict(mesh.shape), "batch_size": d.batch_size, "views": f"{d.height}x{d.width}",
+        "program": "train step", "devices": len(devices), "mesh": dict(mesh.shape), "batch_size": d.batch_size, "views": f"{d.height}x{d.width}",
         "per_chip": {"params_bytes": params, "frozen_encoders_bytes": frozen, "optimizer_bytes": opt,
                      "batch_bytes": _bytes(batch), "argument_bytes": int(mem.argument_size_in_bytes),
                      "temp_bytes": int(mem.temp_size_in_bytes), "peak_bytes": peak, "hbm_bytes": chip.hbm_bytes,
                      "flops": flops, "step_s_at_peak": step_s},
         "examples_per_s_at_100_mfu": d.batch_size / step_s if step_s else None,
         "examples_per_s_at_40_mfu": 0.4 * d.batch_size / step_s if step_s else None,
-        "tpu_custom_calls": text.count('custom_call_target="tpu_custom_call"'),
-        "remat": bool(c.step.remat), "compute_dtype": c.step.compute_dtype,
+        "tpu_custom_calls": _tpu_kernels(compiled),
+        "remat": tc.model_config(c).unet.remat, "compute_dtype": c.step.compute_dtype,
     }
     return report
+
+
+def compile_sampler(c, devices, chip: Chip, *, batch_size: int | None = None, steps: int | None = None,
+                    guidance: float | None = None) -> dict:
+    """The sampler (`sampling.sampler.Sampler`: encode, `steps` denoising steps with guidance, decode; one
+    program) for config `c`'s models and views, compiled for `devices` with the batch of `batch_size` grids
+    (default: one per chip) split over all of them and the weights replicated -> a per-chip report like
+    `compile_train_step`'s (no optimizer; FLOPs and time per batch)."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from imagpose_jax.data.batch import batch_spec
+    from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
+    from imagpose_jax.sharding import make_mesh
+    from imagpose_jax.train import config as tc
+    import jax
+
+    mesh = make_mesh(data=-1, devices=devices)
+    b = batch_size or len(devices)
+    if b % len(devices):
+        raise ValueError(f"the sampler's batch {b} does not split over {len(devices)} chips")
+    built = nnx.eval_shape(tc.state_builder(c))
+    cfg = SamplerConfig(num_inference_steps=steps or c.train.sample_steps,
+                        guidance_scale=c.train.sample_guidance if guidance is None else guidance)
+    sampler = Sampler(built.model, built.vae, built.dino, cfg, mesh=mesh)
+    d, split = c.data, NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    batch = batch_spec(b, d.height, d.width, sharding=split)
+    noise = jax.ShapeDtypeStruct((b, *sampler.latent_shape(2 * d.height, 2 * d.width)), jax.numpy.float32,
+                                 sharding=split)
+    compiled, mem, cost = _compile(sampler.lower(batch, noise), chip, "the sampler")
+    flops = float(cost.get("flops", 0.0))
+    batch_s = flops / chip.peak_bf16_flops if flops else None
+    weights = _bytes(nnx.state(built.model, nnx.Param)) + _bytes(built.vae) + _bytes(built.dino)
+    return {
+        "program": "sampler", "devices": len(devices), "mesh": dict(mesh.shape), "batch_size": b,
+        "views": f"{d.height}x{d.width}", "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale,
+        "per_chip": {"weights_bytes": weights, "batch_bytes": _bytes(batch) + _bytes(noise),
+                     "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+                     "peak_bytes": _peak(mem), "hbm_bytes": chip.hbm_bytes, "flops": flops,
+                     "batch_s_at_peak": batch_s},
+        "grids_per_s_at_100_mfu": b / batch_s if batch_s else None,
+        "grids_per_s_at_40_mfu": 0.4 * b / batch_s if batch_s else None,
+        "tpu_custom_calls": _tpu_kernels(compiled),
+    }
 
 
 def check_fits(report: dict) -> None:
     """DoesNotFit naming the bytes needed and available when the report's peak exceeds the chip's HBM."""
     p = report["per_chip"]
     if p["peak_bytes"] > p["hbm_bytes"]:
-        raise DoesNotFit(f"the train step needs {p['peak_bytes'] / GIB:.2f} GiB per chip, the chip has "
+        raise DoesNotFit(f"{report.get('program', 'the train step')} needs {p['peak_bytes'] / GIB:.2f} GiB per chip, the chip has "
                          f"{p['hbm_bytes'] / GIB:.2f} GiB (short by {(p['peak_bytes'] - p['hbm_bytes']) / GIB:.2f} GiB): "
-                         f"shard more (--config.mesh.fsdp), lower --config.data.batch_size or turn on --config.step.remat")
+                         f"shard more (--config.mesh.fsdp), lower --config.data.batch_size or set --config.unet.remat=block")
 
 
 def format_report(r: dict) -> str:
     p = r["per_chip"]
     g = lambda b: f"{b / GIB:.3f} GiB"   # noqa: E731
-    lines = [f"{r['devices']} chips, mesh {r['mesh']}, global batch {r['batch_size']} of {r['views']} views, "
-             f"{r['compute_dtype']}, remat {r['remat']}",
-             f"per chip: params {g(p['params_bytes'])}, frozen VAE + DINOv2 {g(p['frozen_encoders_bytes'])}, optimizer "
-             f"(+ EMA) {g(p['optimizer_bytes'])}, batch {g(p['batch_bytes'])}",
-             f"          temporaries {g(p['temp_bytes'])}, peak {g(p['peak_bytes'])} of {g(p['hbm_bytes'])} HBM",
-             f"FLOPs per chip per step {p['flops']:.3e} (Pallas kernels not counted); TPU custom calls "
-             f"{r['tpu_custom_calls']}"]
-    if p["step_s_at_peak"]:
-        lines.append(f"step time at peak {p['step_s_at_peak'] * 1e3:.3g} ms: {r['examples_per_s_at_100_mfu']:.1f} "
-                     f"examples/s at 100% MFU, {r['examples_per_s_at_40_mfu']:.1f} at 40%")
+    if r["program"] == "sampler":
+        lines = [f"sampler: {r['devices']} chips, batch {r['batch_size']} grids of {r['views']} views, {r['steps']} steps, "
+                 f"guidance {r['guidance']}",
+                 f"per chip: weights {g(p['weights_bytes'])} (replicated), batch + noise {g(p['batch_bytes'])}"]
+    else:
+        lines = [f"train step: {r['devices']} chips, mesh {r['mesh']}, global batch {r['batch_size']} of {r['views']} "
+                 f"views, {r['compute_dtype']}, remat {r['remat']}",
+                 f"per chip: params {g(p['params_bytes'])}, frozen VAE + DINOv2 {g(p['frozen_encoders_bytes'])}, "
+                 f"optimizer (+ EMA) {g(p['optimizer_bytes'])}, batch {g(p['batch_bytes'])}"]
+    lines += [f"          temporaries {g(p['temp_bytes'])}, peak {g(p['peak_bytes'])} of {g(p['hbm_bytes'])} HBM",
+              f"FLOPs per chip {p['flops']:.3e} (Pallas kernels not counted); TPU kernels {r['tpu_custom_calls']}"]
+    t, unit = (p.get("step_s_at_peak"), "examples") if r["program"] != "sampler" else (p["batch_s_at_peak"], "grids")
+    if t:
+        rate = r[f"{unit}_per_s_at_100_mfu"]
+        lines.append(f"{'step' if unit == 'examples' else 'batch'} time at peak {t * 1e3:.3g} ms: {rate:.2f} {unit}/s "
+                     f"at 100% MFU, {0.4 * rate:.2f} at 40%")
     return "\n".join(lines)
 
 
@@ -152,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def define(fv):
         flags.DEFINE_string("topology", None, "a Cloud TPU topology, e.g. v5e:4x4, v5p:2x2x1, v4:2x2x1", flag_values=fv)
         flags.DEFINE_integer("slices", 1, "number of slices (multi-slice)", flag_values=fv)
-        flags.DEFINE_string("json", None, "also write the report here", flag_values=fv)
+        flags.DEFINE_enum("program", "both", ["train", "sampler", "both"], "what to compile", flag_values=fv)
+        flags.DEFINE_string("json", None, "also write the report(s) here", flag_values=fv)
     try:
         fv = config_flag_values(argv, define, prog="imagpose aot")
     except (flags.Error, FileNotFoundError, ValueError, AttributeError, KeyError) as err:
@@ -160,13 +228,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fv.config is None or not fv.topology:
         raise SystemExit("imagpose aot: error: --config and --topology are required")
     devices, chip = topology_devices(fv.topology, fv.slices)
-    try:
-        report = compile_train_step(fv.config, devices, chip)
-        check_fits(report)
-    except DoesNotFit as err:
-        raise SystemExit(f"imagpose aot: {fv.topology}: {err}") from None
-    print(f"{fv.topology} ({fv.slices} slice(s)), {fv.config.get('stage')}: " + format_report(report))
+    compilers = {"train": compile_train_step, "sampler": compile_sampler}
+    reports = []
+    for name in ("train", "sampler") if fv.program == "both" else (fv.program,):
+        try:
+            report = compilers[name](fv.config, devices, chip)
+            check_fits(report)
+        except DoesNotFit as err:
+            raise SystemExit(f"imagpose aot: {fv.topology}: {err}") from None
+        print(f"{fv.topology} ({fv.slices} slice(s)), stage {fv.config.get('stage')}: " + format_report(report),
+              flush=True)
+        reports.append({"topology": fv.topology, "slices": fv.slices, "stage": fv.config.get("stage"), **report})
     if fv.json:
         with open(fv.json, "w") as f:
-            json.dump({"topology": fv.topology, "slices": fv.slices, **report}, f, indent=1)
+            json.dump(reports, f, indent=1)
     return 0

@@ -35,6 +35,7 @@ from imagpose_jax.models.encode import encode
 from imagpose_jax.train.loss import diffusion_loss, sample_noise, sample_timesteps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,10 @@ class StepConfig:
     p_ref: float = 0.0            # drop the patch tokens only
     p_both: float = 0.0           # drop both
     compute_dtype: str = "float32"
-    remat: bool = False           # recompute the denoiser's forward in the backward pass (nnx.remat)
-    remat_policy: str | None = None  # a `jax.checkpoint_policies` name; None saves nothing
+    # jax.default_matmul_precision for the whole step. With bf16 compute the model's matmuls have bf16 operands
+    # whatever it is; it decides the float32 ones: on TPU "default" runs them as one bf16 pass, "highest" exactly
+    # (as the CPU does). Rematerialisation is the model's own setting (`UNetConfig.remat`, per block).
+    matmul_precision: str = "highest"
     ema_decay: float = 0.9999     # used when the state has an EMA
 
     def __post_init__(self):
@@ -54,8 +57,8 @@ class StepConfig:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
         if min(self.p_image, self.p_ref, self.p_both) < 0 or self.p_image + self.p_ref + self.p_both > 1:
             raise ValueError(f"dropout probabilities must be >= 0 and sum to <= 1: {self.p_image, self.p_ref, self.p_both}")
-        if self.remat_policy is not None and not hasattr(jax.checkpoint_policies, self.remat_policy):
-            raise ValueError(f"unknown jax.checkpoint_policies entry {self.remat_policy!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
 
 
 class LossInputs(NamedTuple):
@@ -92,24 +95,19 @@ def _cast_module(module: nnx.Module, dtype) -> nnx.Module:
     return nnx.merge(graphdef, _cast(state, dtype))
 
 
-def _denoise(model, x_t, t, cond):
-    return model.denoise(x_t, t, cond)
-
-
 def loss_and_grads(model: nnx.Module, trainable: nnx.filterlib.Filter, inputs: LossInputs, alphas_cumprod,
                    cfg: StepConfig) -> tuple[jax.Array, dict, nnx.State]:
     """The training objective of `model` (an `IMAGPose`) on `inputs` and its gradient with respect to the
     parameters selected by `trainable` -> (loss, aux {pred, target, weight}, grads (an `nnx.State`))."""
     dtype = DTYPES[cfg.compute_dtype]
     model_def, params, rest = nnx.split(model, trainable, ...)
-    denoise = nnx.remat(_denoise, policy=_policy(cfg.remat_policy)) if cfg.remat else _denoise
 
     def loss_fn(params):
         m = nnx.merge(model_def, _cast(params, dtype), _cast(rest, dtype))
         cond = m.condition(inputs.image_embeds.astype(dtype), inputs.ref_latents.astype(dtype),
                            inputs.masked_latents.astype(dtype), inputs.pose_grid.astype(dtype), known=inputs.known)
         cond = cond.keep(inputs.keep_image, inputs.keep_patch)
-        return diffusion_loss(lambda x, t: denoise(m, x.astype(dtype), t, cond), inputs.latents, inputs.noise,
+        return diffusion_loss(lambda x, t: m.denoise(x.astype(dtype), t, cond), inputs.latents, inputs.noise,
                               inputs.timesteps, alphas_cumprod, cfg.snr_gamma)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -143,6 +141,10 @@ class TrainStep:
 
     def _step(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
         self.traces += 1
+        with jax.default_matmul_precision(self.cfg.matmul_precision):
+            return self._step_body(state, batch)
+
+    def _step_body(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
         cfg, dtype = self.cfg, DTYPES[self.cfg.compute_dtype]
         ts = nnx.merge(self.graphdef, state)
         rng, k_post, k_noise, k_t, k_drop = jax.random.split(ts.rng.get_value(), 5)
@@ -165,6 +167,3 @@ class TrainStep:
                    "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}   # False: the update was skipped
         return nnx.state(ts), metrics
 
-
-def _policy(name: str | None):
-    return None if name is None else getattr(jax.checkpoint_policies, name)
