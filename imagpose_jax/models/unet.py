@@ -125,9 +125,8 @@ class UNet(nnx.Module):
     """SD1.5 UNet; with `cfg.use_cva` a CVA module follows each spatial transformer (and each resnet of the
     blocks without attention). `pose_features` (B, h, w, C0) are added to the output of `conv_in`.
     `cfg.remat="block"` checkpoints each resnet, spatial transformer and CVA module on its own (with
-    `cfg.remat_policy`), so that the backward pass holds one block's activations at a time. Use it instead of,
-    not inside, a remat of the whole call (`StepConfig.remat`): nested, the peak is no lower and each block's
-    forward runs three times instead of two."""
+    `cfg.remat_policy`), so that the backward pass holds one block's activations at a time (the training configs'
+    `c.unet.remat`; the one remat setting of the train step)."""
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs, dtype=None):
         self.cfg = cfg
