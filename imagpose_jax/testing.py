@@ -44,58 +44,56 @@ def tiny_model_config(use_cva: bool = True):
     return IMAGPoseConfig(unet=UNetConfig(**TINY_UNET, use_cva=use_cva), patch_size=TINY_PATCH_SIZE)
 
 
-def tiny_models(seed: int = 0, *, use_cva: bool = True, nonzero: bool = True):
-    """(IMAGPose, AutoencoderKL, Dinov2Model) with random weights. `nonzero`: the layers initialised to zero
-    (pose guider `conv_out`, CVA `proj_out`) get random weights too, so every path reaches the output."""
-    from flax import nnx
-    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
-    from imagpose_jax.models.imagpose import IMAGPose
-    from imagpose_jax.models.init import ParamKeys
-    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
-    model = IMAGPose(tiny_model_config(use_cva), rngs=ParamKeys(seed))
-    if nonzero:
-        rng = np.random.default_rng(seed)
-        zero = [model.pose_guider.conv_out] + [m.temporal_transformer.proj_out for _, m in nnx.iter_graph(model)
-                                              if type(m).__name__ == "CrossViewAttention"]
-        for m in zero:
-            m.kernel[...] = 0.02 * rng.standard_normal(m.kernel.shape).astype(np.float32)
-    vae = AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=ParamKeys(seed + 1))
-    dino = Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=ParamKeys(seed + 2))
-    return model, vae, dino
-
-
-
-def save_tiny_pipeline(folder, seed: int = 0) -> str:
-    """An inference folder (`checkpoint.folder.PipelineFolder`: denoiser/, vae/, image_encoder/) of the tiny models'
-    configs, what `IMAGPosePipeline.from_pretrained` and `imagpose generate` / `imagpose test` load. Random weights
-    drawn in NumPy on abstract models (kernels LeCun-normal, norm scales 1, the rest N(0, 0.02)): no eager
-    initialisation (minutes on a loaded 2-core machine); the same folder for the same seed."""
-    import os
-
+def drawn_modules(*ctors, seed: int = 0) -> tuple:
+    """The modules `ctor(rngs)` with random weights drawn in NumPy on their abstract versions (kernels LeCun-normal,
+    norm scales 1, every other parameter N(0, 0.02), so that the layers the models initialise to zero, e.g. the pose
+    guider's `conv_out` and the CVA's `proj_out`, get weights too and every path reaches the output). No jitted or
+    eager initialisation: XLA compiles every random draw of its own shape separately (a minute or more on a loaded
+    2-core machine for the tiny models). The same modules for the same seed and constructors."""
     import jax
+    import jax.numpy as jnp
     from flax import nnx
-    from imagpose_jax.checkpoint.folder import PipelineFolder
-    from imagpose_jax.checkpoint.params import save_params
-    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
-    from imagpose_jax.models.imagpose import IMAGPose
     from imagpose_jax.models.init import abstract
-    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
         leaf = [getattr(k, "key", None) for k in path if getattr(k, "key", None) is not None][-1]
         if leaf == "scale":
-            return np.ones(x.shape, x.dtype)
+            return jnp.ones(x.shape, x.dtype)
         std = 1 / np.sqrt(np.prod(x.shape[:-1])) if leaf == "kernel" else 0.02   # kernels: LeCun normal
-        return (std * rng.standard_normal(x.shape)).astype(x.dtype)
+        return jnp.asarray((std * rng.standard_normal(x.shape)).astype(x.dtype))
 
-    cfg = tiny_model_config()
+    out = []
+    for ctor in ctors:
+        graphdef, params, rest = nnx.split(abstract(ctor), nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError(f"{graphdef} has state other than parameters; build it with its own initialisation")
+        out.append(nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, params)))
+    return tuple(out)
+
+
+def tiny_models(seed: int = 0, *, use_cva: bool = True):
+    """(IMAGPose, AutoencoderKL, Dinov2Model) of the tiny configs, weights drawn by `drawn_modules`."""
+    from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
+    from imagpose_jax.models.imagpose import IMAGPose
+    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
+    cfg = tiny_model_config(use_cva)
+    return drawn_modules(lambda k: IMAGPose(cfg, rngs=k), lambda k: AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=k),
+                         lambda k: Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=k), seed=seed)
+
+
+def save_tiny_pipeline(folder, seed: int = 0) -> str:
+    """An inference folder (`checkpoint.folder.PipelineFolder`: denoiser/, vae/, image_encoder/) of `tiny_models`,
+    what `IMAGPosePipeline.from_pretrained` and `imagpose generate` / `imagpose test` load."""
+    import os
+
+    from flax import nnx
+    from imagpose_jax.checkpoint.folder import PipelineFolder
+    from imagpose_jax.checkpoint.params import save_params
+
     out = PipelineFolder(folder)
-    for path, config, ctor in ((out.denoiser, cfg.to_dict(), lambda k: IMAGPose(cfg, rngs=k)),
-                               (out.vae, TINY_VAE, lambda k: AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=k)),
-                               (out.image_encoder, TINY_DINO,
-                                lambda k: Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=k))):
-        params = jax.tree_util.tree_map_with_path(draw, nnx.state(abstract(ctor), nnx.Param))
-        save_params(path, dict(config), params)
+    for path, config, m in zip((out.denoiser, out.vae, out.image_encoder),
+                               (tiny_model_config().to_dict(), TINY_VAE, TINY_DINO), tiny_models(seed)):
+        save_params(path, dict(config), nnx.state(m, nnx.Param))
     return os.fspath(folder)

@@ -32,14 +32,14 @@ def _export_without_training(c, workdir, progress=True):
     from imagpose_jax.checkpoint.params import save_params
     from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
     from imagpose_jax.models.imagpose import IMAGPose
-    from imagpose_jax.models.init import ParamKeys
+    from imagpose_jax.testing import drawn_modules
     from imagpose_jax.train import config as tc
-    keys = ParamKeys(c.seed + EXPORT_SEED_OFFSET)
+    model, dino = drawn_modules(lambda k: IMAGPose(tc.model_config(c), rngs=k),
+                                lambda k: Dinov2Model(Dinov2Config.from_dict(c.dino.to_dict()), rngs=k),
+                                seed=c.seed + EXPORT_SEED_OFFSET)
     export = os.path.join(workdir, "export")
-    save_params(os.path.join(export, "denoiser"), tc.model_config(c).to_dict(),
-                nnx.state(IMAGPose(tc.model_config(c), rngs=keys), nnx.Param))
-    save_params(os.path.join(export, "image_encoder"), c.dino.to_dict(),
-                nnx.state(Dinov2Model(Dinov2Config.from_dict(c.dino.to_dict()), rngs=keys), nnx.Param))
+    save_params(os.path.join(export, "denoiser"), tc.model_config(c).to_dict(), nnx.state(model, nnx.Param))
+    save_params(os.path.join(export, "image_encoder"), c.dino.to_dict(), nnx.state(dino, nnx.Param))
     shutil.copytree(c.init.vae, os.path.join(export, "vae"))
     return {"steps": c.steps, "init_s": 0.0, "first_step_s": None, "final_loss": None, "export": export}
 

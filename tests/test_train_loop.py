@@ -1,6 +1,8 @@
-"""The training loop end to end (`imagpose train` on the tiny stage-2 config, as `test_train_step` builds it): a run killed with SIGKILL
-mid-training (an asynchronous checkpoint save possibly in flight) and resumed gives exactly the losses and the
-final parameters of an uninterrupted run. Subprocesses share a persistent compilation cache."""
+"""The training loop end to end on the tiny stage-2 config: a run killed with SIGKILL mid-training (a subprocess; an
+asynchronous checkpoint save possibly in flight) or stopped by SIGTERM, then resumed, gives exactly the losses and
+the final parameters of an uninterrupted run; a run whose loss goes non-finite stops without saving non-finite
+weights. The runs other than the killed one go through `imagpose train`'s own `main` (or the loop's `train` with an
+`on_step` hook) in this process; all share the session's persistent compilation cache."""
 from __future__ import annotations
 
 import json
@@ -12,37 +14,41 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, EVERY, KILL_AT = 14, 4, 10
+STEPS, EVERY, KILL_AT, TERM_AT = 8, 3, 7, 5
 
 
-# The killed run: the loop's own `train`, with an `on_step` callback that sends the process a signal after step
-# KILL_AT: SIGKILL (no cleanup, like a lost host; an asynchronous save may be in flight) or SIGTERM (a preemption:
-# the loop checkpoints that step and stops; handled as `imagpose train` handles it).
+# The killed run: the loop's own `train` in a subprocess, with an `on_step` callback that SIGKILLs it after step
+# KILL_AT (no cleanup, like a lost host; an asynchronous save may be in flight).
 KILLED = """
 import os, signal, sys
 from imagpose_jax.train.config import load_config
-from imagpose_jax.train.loop import Interrupted, train
+from imagpose_jax.train.loop import train
 config, workdir, kill_at, sig, *overrides = sys.argv[1:]
 def kill(step):
     if step == int(kill_at):
         os.kill(os.getpid(), getattr(signal, sig))
-try:
-    train(load_config(config, overrides), workdir, progress=False, on_step=kill)
-except Interrupted as err:
-    print(err, file=sys.stderr)
-    sys.exit(128 + err.signum)
+train(load_config(config, overrides), workdir, progress=False, on_step=kill)
 """
 COMMON = (f"steps={STEPS}", f"train.checkpoint_every={EVERY}", "ema=True", "optim.learning_rate=1e-3")
 
 
-def run_train(workdir: str, env: dict, *extra: str, kill_at: int = 0, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
-    config = os.path.join(ROOT, "configs/stage2.py:tiny")
-    if kill_at:
-        cmd = [sys.executable, "-c", KILLED, config, workdir, str(kill_at), sig, *COMMON, *extra]
-    else:
-        cmd = [sys.executable, "-m", "imagpose_jax.train", "--config", config, "--workdir", workdir, "--no-progress",
-               *(f"--config.{o}" for o in COMMON + extra)]
+def config_path() -> str:
+    return os.path.join(ROOT, "configs/stage2.py:tiny")
+
+
+def kill_train(workdir: str, env: dict, kill_at: int) -> subprocess.CompletedProcess:
+    """The run SIGKILLed after step `kill_at`, in a subprocess."""
+    cmd = [sys.executable, "-c", KILLED, config_path(), workdir, str(kill_at), "SIGKILL", *COMMON]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def run_main(workdir: str, capsys, *extra: str) -> tuple[int, dict | None, str]:
+    """`imagpose train` (its `main`) in this process -> (exit code, the printed summary or None, stderr)."""
+    from imagpose_jax.train.main import main
+    capsys.readouterr()
+    rc = main(["--config", config_path(), "--workdir", workdir, "--no-progress", *(f"--config.{o}" for o in COMMON + extra)])
+    out = capsys.readouterr()
+    return rc, json.loads(out.out[out.out.index("{"):]) if rc == 0 else None, out.err
 
 
 def losses(workdir: str) -> dict[int, float]:
@@ -67,25 +73,30 @@ def env():
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, env):
+def straight(tmp_path_factory):
     """The uninterrupted run (with sample grids: sampling leaves training alone) -> (workdir, summary)."""
-    work = str(tmp_path_factory.mktemp("straight"))
-    a = run_train(work, env, f"train.sample_every={STEPS // 2}")
-    assert a.returncode == 0, a.stderr[-3000:]
-    return work, json.loads(a.stdout[a.stdout.index("{"):])
+    import contextlib
+    import io
+    from imagpose_jax.train.main import main
+    work, out, err = str(tmp_path_factory.mktemp("straight")), io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):   # capsys is per test, this per module
+        rc = main(["--config", config_path(), "--workdir", work, "--no-progress",
+                   *(f"--config.{o}" for o in COMMON + (f"train.sample_every={STEPS // 2}",))])
+    assert rc == 0, err.getvalue()[-3000:]
+    text = out.getvalue()
+    return work, json.loads(text[text.index("{"):])
 
 
-def test_kill_and_resume_is_bit_exact(tmp_path, env, straight):
+def test_kill_and_resume_is_bit_exact(tmp_path, env, straight, capsys):
     (straight, straight_summary), killed = straight, str(tmp_path / "killed")
     for step in (STEPS // 2, STEPS):
         assert os.path.isfile(os.path.join(straight, "samples", f"step_{step}.png"))
     assert straight_summary["sample_traces"] == 1, "the sample grids' sampler was traced again"
-    b = run_train(killed, env, kill_at=KILL_AT)
+    b = kill_train(killed, env, KILL_AT)
     assert b.returncode == -9, f"expected SIGKILL, got {b.returncode}: {b.stderr[-2000:]}"
     assert not os.path.isdir(os.path.join(killed, "export"))
-    c = run_train(killed, env)
-    assert c.returncode == 0, c.stderr[-3000:]
-    summary = json.loads(c.stdout[c.stdout.index("{"):])
+    rc, summary, err = run_main(killed, capsys)
+    assert rc == 0, err[-3000:]
     assert 0 < summary["start_step"] <= KILL_AT and summary["start_step"] % EVERY == 0, summary
     la, lc = losses(straight), losses(killed)
     assert sorted(la) == sorted(lc) == list(range(1, STEPS + 1))
@@ -97,29 +108,42 @@ def test_kill_and_resume_is_bit_exact(tmp_path, env, straight):
         np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
 
 
-def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, env, straight):
-    """SIGTERM after step 6 (checkpoints every 4): the loop finishes that step, saves step 6 and exits 143 with one
-    line; the rerun's first step is 7 and its losses are those of the uninterrupted run."""
+def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, straight, capsys):
+    """SIGTERM after step 5 (checkpoints every 3): the loop finishes that step, saves step 5 and stops with one line
+    (`imagpose train` exits 128 + 15 with it); the rerun's first step is 6, and its losses and final parameters are
+    those of the uninterrupted run."""
+    import signal
+    from imagpose_jax.train.config import load_config
+    from imagpose_jax.train.loop import Interrupted, train
     straight, stopped = straight[0], str(tmp_path / "stopped")
-    r = run_train(stopped, env, kill_at=6, sig="SIGTERM")
-    assert r.returncode == 143, r.stderr[-2000:]
-    assert "stopped by SIGTERM after step 6" in r.stderr.strip().splitlines()[-1]
+
+    def term(step):
+        if step == TERM_AT:
+            os.kill(os.getpid(), signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info:
+        train(load_config(config_path(), COMMON), stopped, progress=False, on_step=term)
+    assert info.value.signum == signal.SIGTERM and f"stopped by SIGTERM after step {TERM_AT}" in str(info.value)
+    assert signal.getsignal(signal.SIGTERM) == before   # the loop's handler is gone again
     assert not os.path.isdir(os.path.join(stopped, "export"))
-    c = run_train(stopped, env)
-    assert c.returncode == 0, c.stderr[-3000:]
-    assert json.loads(c.stdout[c.stdout.index("{"):])["start_step"] == 6
+    rc, summary, err = run_main(stopped, capsys)
+    assert rc == 0, err[-3000:]
+    assert summary["start_step"] == TERM_AT
     la, lc = losses(straight), losses(stopped)
     assert [la[s] for s in sorted(la)] == [lc[s] for s in sorted(lc)]
+    pa, pc = exported(straight), exported(stopped)
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
 
 
-def test_nonfinite_loss_stops_without_saving_nonfinite_weights(tmp_path, env):
+def test_nonfinite_loss_stops_without_saving_nonfinite_weights(tmp_path, capsys):
     """learning rate 1e6: the loss goes non-finite; those updates are skipped, the run stops after max_nonfinite in a
     row with one line naming the step and the last good checkpoint, exit 1, no export; every checkpoint is finite and
     metrics.jsonl is strict JSON. (Before: NaN checkpoints rotated out the good ones, a NaN export, exit 0.)"""
     work = str(tmp_path / "nan")
-    r = run_train(work, env, "optim.learning_rate=1e6", "steps=40", "train.checkpoint_every=2")
-    assert r.returncode == 1, r.stderr[-3000:]
-    last = r.stderr.strip().splitlines()[-1]
+    rc, _, err = run_main(work, capsys, "optim.learning_rate=1e6", "steps=40", "train.checkpoint_every=2")
+    assert rc == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
     assert "not finite for 5 steps in a row" in last and "last good checkpoint: step" in last, last
     assert not os.path.isdir(os.path.join(work, "export"))
 

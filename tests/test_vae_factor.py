@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from imagpose_jax.models.imagpose import IMAGPose
-from imagpose_jax.models.init import ParamKeys
 from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 from imagpose_jax.train import config as tc
-from imagpose_jax.testing import random_batch
+from imagpose_jax.testing import drawn_modules, random_batch
 from train_fixtures import demo_config, build, tiny_batch, tiny_config
 
 
@@ -33,7 +32,7 @@ def test_downscale_factor():
 
 def test_pose_guider_factor_mismatch_is_an_error():
     c = tiny_config(3)                                   # pose guider downscales by 8
-    model = IMAGPose(tc.model_config(c), rngs=ParamKeys(0))
+    model, = drawn_modules(lambda k: IMAGPose(tc.model_config(c), rngs=k))
     with pytest.raises(ValueError, match="pose guider downscales by 8"):
         jax.eval_shape(lambda p: model.pose_features(p, (32, 32)), jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32))
     c.vae = demo_config().vae.to_dict()                            # a factor-4 VAE with the factor-8 pose guider
@@ -62,9 +61,10 @@ def test_sampler_latent_shape_follows_the_vae():
     from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
     from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
     c = factor4_config()
-    keys = ParamKeys(0)
-    sampler = Sampler(IMAGPose(tc.model_config(c), rngs=keys), AutoencoderKL(VAEConfig.from_dict(c.vae), rngs=keys),
-                      Dinov2Model(Dinov2Config.from_dict(c.dino.to_dict()), rngs=keys), SamplerConfig(num_inference_steps=1))
+    models = drawn_modules(lambda k: IMAGPose(tc.model_config(c), rngs=k),
+                           lambda k: AutoencoderKL(VAEConfig.from_dict(c.vae), rngs=k),
+                           lambda k: Dinov2Model(Dinov2Config.from_dict(c.dino.to_dict()), rngs=k))
+    sampler = Sampler(*models, SamplerConfig(num_inference_steps=1))
     assert sampler.latent_shape(128, 128) == (32, 32, 4)
     with pytest.raises(ValueError, match="not a multiple of the VAE's downscale factor 4"):
         sampler.latent_shape(130, 128)
