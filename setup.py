@@ -32,7 +32,8 @@ POSE = ["onnxruntime>=1.16,<2"]
 TPU_AOT = ["jax[tpu]>=0.7,<0.11; sys_platform == 'linux'"]
 # onnx: torch.onnx.export of the stand-in DWPose files in tests/test_pose_extract.py. That test's reference,
 # rtmlib, needs OpenCV: it installs rtmlib and opencv-python-headless into a private folder instead.
-TEST = TORCH + POSE + TPU_AOT + ["pytest>=8,<10", "scikit-image>=0.24,<0.27", "onnx>=1.16,<2"]
+# pytest-xdist: the suite runs in two worker processes, one test file each at a time (pytest.ini).
+TEST = TORCH + POSE + TPU_AOT + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.24,<0.27", "onnx>=1.16,<2"]
 # The optional TFDS builder of DeepFashion's manual download (imagpose_jax/data/tfds_deepfashion.py). Builds and
 # reads array_record files without TensorFlow; tfds 4.9 imports importlib_resources without declaring it.
 TFDS = ["tensorflow-datasets>=4.9.9,<4.10", "importlib_resources>=5"]
