@@ -1,7 +1,7 @@
 """`imagpose`: the command line.
 
   imagpose generate --weights weights/ --source person.png --source-pose person_pose.json \\
-      --target-pose t1.json [--target-pose t2.png ...] [--view-size 512x512] --out results/
+      --target-pose t1.json [--target-pose t2.png ...] [--view-size 512x512] [--dtype bfloat16] --out results/
   imagpose demo --out outputs/demo         (main job: synthetic data, VAE + denoiser training, 3 scenarios scored)
   imagpose train --config configs/stage1.py --workdir runs/stage1   (one training stage; see launch/ for pods)
   imagpose make-dataset data/ ...          (the synthetic pose-transfer dataset)
@@ -41,7 +41,7 @@ def generate(args) -> int:
     make = SamplerConfig.original_inference if args.original_inference else SamplerConfig
     cfg = make(num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler)
     _writable_folder(args.out)   # before the weights are loaded and minutes of sampling
-    pipe = IMAGPosePipeline.from_pretrained(args.weights, cfg)
+    pipe = IMAGPosePipeline.from_pretrained(args.weights, cfg, dtype=args.dtype)
     result = pipe(args.source, args.source_pose, args.target_pose, view_size=args.view_size, seed=args.seed,
                   batch_size=args.batch_size)
     for j, image in enumerate(result.targets):
@@ -63,6 +63,7 @@ def _writable_folder(path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from imagpose_jax.models.layers import DTYPES
     from imagpose_jax.schedulers import SCHEDULERS
 
     p = argparse.ArgumentParser(prog="imagpose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=2.0)
     g.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="ddim",
                    help="ddim (30 steps, as the original) or dpmsolver++ (multistep DPM-Solver++: ~15-20 steps suffice)")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="weights and compute (bfloat16: half the memory; GroupNorm statistics, softmax and the "
+                        "scheduler stay float32; see the README's 'Half precision')")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--batch-size", type=int, default=4, help="grids per compiled batch")
     g.add_argument("--original-inference", action="store_true",
