@@ -165,15 +165,20 @@ def to_torch_layout(leaf: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _leaf(v):
+    return v if hasattr(v, "shape") else v.get_value()
+
+
 def _leaf_shape(v) -> tuple:
-    return tuple(v.shape if hasattr(v, "shape") else v.get_value().shape)
+    return tuple(_leaf(v).shape)
 
 
 def torch_to_nnx(abstract: nnx.State, sd: Mapping[str, np.ndarray], *, renames=(), skip: Iterable[Skip] = (),
-                 prefix: str = "", dtype=np.float32, source: str = "checkpoint",
+                 prefix: str = "", dtype=None, source: str = "checkpoint",
                  origins: Mapping[str, str] | None = None) -> nnx.State:
     """Fills the abstract state `abstract` from the PyTorch state dict `sd`, strictly.
 
+    Each tensor is cast to `dtype` (default: its abstract leaf's, float32 unless the model was built in another).
     `prefix` is prepended to every PyTorch key (for state dicts that hold a submodule). `origins`: for a state
     dict renamed from a file's own layout, the file's key of each key of `sd`, named next to it in errors.
     Raises ConversionError naming every missing key, unexpected key and shape mismatch.
@@ -197,7 +202,7 @@ def torch_to_nnx(abstract: nnx.State, sd: Mapping[str, np.ndarray], *, renames=(
             wrong.append(f"{name(key)}: checkpoint has {theirs}, model expects {tuple(to_torch_layout(str(path[-1]), np.empty(want)).shape)}")
             values.append(None)
             continue
-        values.append(a.astype(dtype, copy=False))
+        values.append(a.astype(dtype or _leaf(var).dtype, copy=False))
     unexpected = []
     for k in sd:
         if k in used:

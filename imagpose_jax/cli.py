@@ -1,7 +1,7 @@
 """`imagpose`: the command line.
 
   imagpose generate --weights weights/ --source person.png --source-pose person_pose.json \\
-      --target-pose t1.json [--target-pose t2.png ...] [--view-size 512x512] --out results/
+      --target-pose t1.json [--target-pose t2.png ...] [--view-size 512x512] [--dtype bfloat16] --out results/
   imagpose generate --weights weights/ --source me.jpg --target-photo friend.jpg --dwpose ckpts/ --out results/
                                            (poses taken from the photos: --dwpose DIR, or MediaPipe by default)
   imagpose demo --out outputs/demo         (main job: synthetic data, VAE + denoiser training, 3 scenarios scored)
@@ -53,7 +53,7 @@ def generate(args) -> int:
         raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}")
     _writable_folder(args.out)   # before the weights are loaded and minutes of sampling
     source_poses, target_poses = _poses_from_photos(args)
-    pipe = IMAGPosePipeline.from_pretrained(args.weights, _sampler_config(args))
+    pipe = IMAGPosePipeline.from_pretrained(args.weights, _sampler_config(args), dtype=args.dtype)
     result = pipe(args.source, source_poses, target_poses, view_size=args.view_size, seed=args.seed,
                   batch_size=args.batch_size)
     for j, image in enumerate(result.targets):
@@ -95,7 +95,7 @@ def test(args) -> int:
     pairs = read_test_pairs(pairs_csv=args.pairs, annotations_csv=args.annotations, image_dir=args.images,
                             index_json=args.index, naming=args.naming)
     _writable_folder(args.out)
-    pipe = IMAGPosePipeline.from_pretrained(args.weights, _sampler_config(args))
+    pipe = IMAGPosePipeline.from_pretrained(args.weights, _sampler_config(args), dtype=args.dtype)
     done = generate_test_set(pipe, pairs, args.out, view_size=args.view_size, size=args.size, seed=args.seed,
                              batch_size=args.batch_size)
     print(f"{done['generated']} pair(s) generated, {done['skipped']} already there -> {args.out} "
@@ -116,12 +116,16 @@ def _writable_folder(path: str) -> None:
 
 def _sampling_arguments(p: argparse.ArgumentParser, *, batch_size: int | None, batch_help: str) -> None:
     """The sampling options `generate` and `test` share (`_sampler_config` reads them)."""
+    from imagpose_jax.models.layers import DTYPES
     from imagpose_jax.schedulers import SCHEDULERS
     p.add_argument("--view-size", type=_view_size, default=(512, 512), help="HEIGHTxWIDTH of each view, multiples of 64")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="ddim",
                    help="ddim (30 steps, as the original) or dpmsolver++ (multistep DPM-Solver++: ~15-20 steps suffice)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="weights and compute (bfloat16: half the memory; GroupNorm statistics, softmax and the "
+                        "scheduler stay float32; see the README's 'Half precision')")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     p.add_argument("--original-inference", action="store_true",

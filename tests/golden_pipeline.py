@@ -1,36 +1,43 @@
 """The `pipeline` golden kind: the original `Pose2ImagePipeline` end to end, run with the settings that
-reproduce the original's inference (`SamplerConfig.original_inference`)."""
+reproduce the original's inference (`SamplerConfig.original_inference`), the way `imagpose generate` runs it: the
+case converted to an inference folder (`imagpose-convert pipeline`), loaded with `IMAGPosePipeline.from_pretrained`
+in the dtype asked for, sampled from the case's noise."""
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 from PIL import Image
 
 from golden import check_tolerance, nhwc
 
+# Half precision against the case's float32 expectation: max and mean |ours - expected| over the image in [0, 1],
+# 2.4-2.9x what pipeline_3src_1tgt measured on the CPU (jax 0.10.2; README, "Half precision"): bfloat16 max 0.0571,
+# mean 0.00414; float16 max 0.00678, mean 0.000523.
+HALF_TOLERANCE = {"bfloat16": {"abs_max": 0.15, "abs_mean": 0.01},
+                  "float16": {"abs_max": 0.02, "abs_mean": 0.0015}}
 
-def run_pipeline_case(folder, case) -> str:
-    from convert_weights.dinov2 import load_dinov2
-    from convert_weights.imagpose import load_imagpose
-    from convert_weights.vae import load_vae
-    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
-    from imagpose_jax.models.init import abstract
+
+def run_pipeline_case(folder, case, dtype: str = "float32") -> str:
+    from convert_weights.cli import main as convert
     from imagpose_jax.data.batch import make_example, stack
     from imagpose_jax.data.grid import untile
     from imagpose_jax.preprocess import load_image, vae_preprocess
-    from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
-    from flax import nnx
+    from imagpose_jax.sampling.pipeline import IMAGPosePipeline
+    from imagpose_jax.sampling.sampler import SamplerConfig
 
-    cfg = IMAGPoseConfig.from_case(case)
     w, call, sch = case["weights"], case["call"], dict(case["scheduler"])
-    model = abstract(lambda k: IMAGPose(cfg, rngs=k))
-    nnx.update(model, load_imagpose(cfg, folder / w["unet"], folder / w["pose_guider"], folder / w["patch"]))
-    _, vae = load_vae(folder / w["vae"])
-    _, dino = load_dinov2(folder / w["image_encoder"])
     if sch.pop("name", "DDIM") != "DDIM":
         raise AssertionError(f"{folder.name}: only DDIM pipeline cases are supported, got {case['scheduler']}")
     grid_hw = (2 * call["view_height"], 2 * call["view_width"])
     scfg = SamplerConfig.original_inference(num_inference_steps=call["num_inference_steps"],
                                             guidance_scale=call["guidance_scale"]).replace(scheduler_config=sch)
+    with tempfile.TemporaryDirectory() as tmp:
+        convert(["pipeline", "--unet", str(folder / w["unet"]), "--pose-guider", str(folder / w["pose_guider"]),
+                 "--patch", str(folder / w["patch"]), "--vae", str(folder / w["vae"]),
+                 "--image-encoder", str(folder / w["image_encoder"]), "--config", str(folder / "case.json"),
+                 "--out", f"{tmp}/weights"])
+        pipe = IMAGPosePipeline.from_pretrained(f"{tmp}/weights", scfg, dtype=dtype)
     ref = load_image(folder / call["ref_image"])
     pose = load_image(folder / call["pose_grid"])
     if pose.size != grid_hw[::-1]:
@@ -38,10 +45,11 @@ def run_pipeline_case(folder, case) -> str:
     example = make_example(untile(vae_preprocess(load_image(folder / call["image_mask_grid"]), grid_hw)),
                            untile(np.asarray(pose, np.float32) / 255.0), known_from_flag(folder / call["flag_grid"]),
                            ref, ref_size=grid_hw, dino_squash=True)
-    batch = stack([example])
     noise = nhwc(np.load(folder / "inputs.npz")["init_noise"])
-    images = Sampler(model, vae, dino, scfg)(batch, noise=noise)
-    return check_tolerance(case, images, np.load(folder / "expected.npz")["image"], f"{folder.name} image")
+    images = pipe.sampler(stack([example]), noise=noise)
+    tol = None if dtype == "float32" else HALF_TOLERANCE[dtype]
+    return check_tolerance(case, images, np.load(folder / "expected.npz")["image"], f"{folder.name} image ({dtype})",
+                           tol)
 
 
 def known_from_flag(path) -> np.ndarray:

@@ -37,9 +37,9 @@ def run_forward(folder, case) -> str:
     return check_tolerance(case, nchw(out), np.load(folder / "expected.npz")["out"], f"{folder.name} out")
 
 
-def run_pipeline(folder, case) -> str:
+def run_pipeline(folder, case, dtype: str = "float32") -> str:
     from golden_pipeline import run_pipeline_case
-    return run_pipeline_case(folder, case)
+    return run_pipeline_case(folder, case, dtype)
 
 
 def run_train_loss(folder, case) -> str:
@@ -62,3 +62,17 @@ def test_golden_case(folder):
         pytest.fail(f"{folder.name}: unknown case kind {kind!r} (known: {sorted(RUNNERS)})")
     with jax.default_matmul_precision("highest"):
         print(RUNNERS[kind](folder, case))
+
+
+PIPELINES = [p for p in CASES if load_case(p).get("kind") == "pipeline"]
+HALF = [pytest.param(p, "bfloat16", id=f"{p.name}-bfloat16") for p in PIPELINES] + \
+       [pytest.param(p, "float16", id=f"{p.name}-float16", marks=pytest.mark.slow) for p in PIPELINES]
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("folder,dtype", HALF)
+def test_golden_pipeline_half_precision(folder, dtype):
+    """The pipeline cases with the models loaded in half precision (`imagpose generate --dtype`), against the
+    float32 expectation with `golden_pipeline.HALF_TOLERANCE` (float16 with -m slow: the suite's time)."""
+    with jax.default_matmul_precision("highest"):
+        print(run_pipeline(folder, load_case(folder), dtype))

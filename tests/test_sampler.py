@@ -83,7 +83,7 @@ def test_dpm_solver_sampler_compiles_once(models):
 def test_cli_accepts_dpm_solver(monkeypatch, capsys, original):
     seen = []
 
-    def from_pretrained(weights, cfg):   # stands in for loading weights: check the config and stop
+    def from_pretrained(weights, cfg, dtype):   # stands in for loading weights: check the config and stop
         seen.append(make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_inference_steps))
         raise KeyboardInterrupt
 

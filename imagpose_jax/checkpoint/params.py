@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from imagpose_jax.checkpoint.finite import check_finite
 
+M = TypeVar("M")
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -58,9 +59,11 @@ def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = ""
                 shardings: nnx.State | None = None) -> nnx.State:
     """Fills `abstract` (e.g. `nnx.state(nnx.eval_shape(...), nnx.Param)`) from `folder`, strictly.
 
-    With `shardings` (same structure, `NamedSharding` leaves) every array is assembled from the slices this
-    host's devices hold (`jax.make_array_from_callback` over safetensors' lazy slices): no host reads or
-    builds a whole sharded tensor. A tensor holding NaN or inf is an error naming it (`NonFiniteParamsError`).
+    Each tensor is cast to `dtype` (default: its abstract leaf's dtype) as it is read, on the host, before it
+    goes to the device: a model built in bfloat16 is loaded with no float32 copy of its weights, whatever dtype
+    the file holds. With `shardings` (same structure, `NamedSharding` leaves) every array is assembled from the
+    slices this host's devices hold (`jax.make_array_from_callback` over safetensors' lazy slices): no host reads
+    or builds a whole sharded tensor. A tensor holding NaN or inf is an error naming it (`NonFiniteParamsError`).
     """
     path = os.path.join(folder, PARAMS_FILE)
     if not os.path.isfile(path):
@@ -91,7 +94,7 @@ def load_params(folder: str | os.PathLike, abstract: nnx.State, prefix: str = ""
                 value = jax.make_array_from_callback(tuple(var.shape), sh,
                                                      lambda idx, sl=sl, dt=dt, k=k: finite(k, np.asarray(sl[idx], dt)))
             else:
-                value = jnp.asarray(finite(k, np.asarray(f.get_tensor(k), dt)))
+                value = jax.device_put(finite(k, f.get_tensor(k).astype(dt, copy=False)))
             out.append((p, var.replace(value)))
         unexpected = sorted(k for k in keys - wanted if k.startswith(prefix))
     if missing or wrong or unexpected:
@@ -112,11 +115,21 @@ def _open_safetensors(path: str):
                          f"file?): {err}. Convert or export it again") from None
 
 
-def load_model(folder: str | os.PathLike, dtype=None):
-    """An `IMAGPose` model with the weights of a converted folder, and its config."""
-    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+def load_module(folder: str | os.PathLike, build: Callable[[dict, object], M]) -> M:
+    """`build(config, rngs)` (config: the folder's config.json) with the folder's weights. The module is built
+    abstractly (`nnx.eval_shape`: nothing allocated) and each tensor read straight into the dtype `build` gives
+    its parameter (`load_params`)."""
     from imagpose_jax.models.init import abstract
-    cfg = IMAGPoseConfig.from_case(read_config(folder))
-    model = abstract(lambda k: IMAGPose(cfg, rngs=k, dtype=dtype))
+    config = read_config(folder)
+    model = abstract(lambda k: build(config, k))
     nnx.update(model, load_params(folder, nnx.state(model, nnx.Param)))
-    return model, cfg
+    return model
+
+
+def load_model(folder: str | os.PathLike, dtype=None):
+    """An `IMAGPose` model with the weights of a converted folder, and its config. `dtype`: the model's weight and
+    compute dtype (`models.layers.parse_dtype`; None: float32)."""
+    from imagpose_jax.models.imagpose import IMAGPose, IMAGPoseConfig
+    from imagpose_jax.models.layers import parse_dtype
+    cfg, dtype = IMAGPoseConfig.from_case(read_config(folder)), parse_dtype(dtype)
+    return load_module(folder, lambda _, k: IMAGPose(cfg, rngs=k, dtype=dtype)), cfg

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from imagpose_jax.models.attention import dot_product_attention
-from imagpose_jax.models.layers import ACTIVATIONS, conv, layer_norm, linear
+from imagpose_jax.models.layers import ACTIVATIONS, conv, layer_norm, linear, weights
 
 POS_INTERPOLATIONS = ("scale_factor", "size")
 
@@ -109,11 +109,11 @@ class Dinov2Embeddings(nnx.Module):
     """CLS token + patch embeddings (+ mask token where masked) + (resized) position embeddings."""
 
     def __init__(self, cfg: Dinov2Config, *, rngs: nnx.Rngs, dtype=None):
-        d, init = cfg.hidden_size, nnx.initializers.truncated_normal(0.02)
+        d, init, pdt = cfg.hidden_size, nnx.initializers.truncated_normal(0.02), weights(dtype)
         self.cfg = cfg
-        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d)))
-        self.mask_token = nnx.Param(jnp.zeros((1, d))) if cfg.use_mask_token else None
-        self.position_embeddings = nnx.Param(init(rngs.params(), (1, cfg.grid ** 2 + 1, d)))
+        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), pdt))
+        self.mask_token = nnx.Param(jnp.zeros((1, d), pdt)) if cfg.use_mask_token else None
+        self.position_embeddings = nnx.Param(init(rngs.params(), (1, cfg.grid ** 2 + 1, d), pdt))
         self.patch_embeddings = Dinov2PatchEmbeddings(cfg, rngs=rngs, dtype=dtype)
 
     def position_encoding(self, height: int, width: int, gh: int, gw: int) -> jax.Array:
@@ -182,8 +182,8 @@ class Dinov2Attention(nnx.Module):
 
 
 class Dinov2LayerScale(nnx.Module):
-    def __init__(self, cfg: Dinov2Config):
-        self.lambda1 = nnx.Param(jnp.full((cfg.hidden_size,), cfg.layerscale_value, jnp.float32))
+    def __init__(self, cfg: Dinov2Config, dtype=None):
+        self.lambda1 = nnx.Param(jnp.full((cfg.hidden_size,), cfg.layerscale_value, weights(dtype)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x * self.lambda1[...].astype(x.dtype)
@@ -206,10 +206,10 @@ class Dinov2Layer(nnx.Module):
         d, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.norm1 = layer_norm(d, eps, rngs=rngs, dtype=dtype)
         self.attention = Dinov2Attention(cfg, impl=impl, rngs=rngs, dtype=dtype)
-        self.layer_scale1 = Dinov2LayerScale(cfg)
+        self.layer_scale1 = Dinov2LayerScale(cfg, dtype)
         self.norm2 = layer_norm(d, eps, rngs=rngs, dtype=dtype)
         self.mlp = Dinov2MLP(cfg, rngs=rngs, dtype=dtype)
-        self.layer_scale2 = Dinov2LayerScale(cfg)
+        self.layer_scale2 = Dinov2LayerScale(cfg, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.layer_scale1(self.attention(self.norm1(x)))
@@ -231,7 +231,7 @@ class Dinov2Model(nnx.Module):
     """`Dinov2Model(cfg, rngs=...)(pixels)` -> `last_hidden_state` (B, 1+N, D), final layer norm applied.
 
     `pixels` (B, H, W, C) are already normalised (see `imagpose_jax.preprocess.clip_preprocess`); N is
-    (H // patch) * (W // patch). Params are float32; `dtype` is the compute dtype; `attn_impl` is the
+    (H // patch) * (W // patch). `dtype`: see `models.layers` (None: float32); `attn_impl` is the
     attention kernel (see `imagpose_jax.models.attention`).
     """
 

@@ -23,22 +23,20 @@ from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
 
 
 def load_pipeline_models(folder: str | os.PathLike, dtype=None):
-    """(IMAGPose model, VAE, DINOv2) from a converted pipeline folder."""
+    """(IMAGPose model, VAE, DINOv2) from a converted pipeline folder, built in `dtype` ("float32", "bfloat16",
+    "float16" or the dtype; None: float32), weights and compute: each tensor is cast to it as it is read, so no
+    float32 copy is ever held (`checkpoint.params.load_module`; what stays float32 inside: `models.layers`)."""
     from imagpose_jax.checkpoint.folder import PipelineFolder
-    from imagpose_jax.checkpoint.params import load_model, load_params, read_config
+    from imagpose_jax.checkpoint.params import load_model, load_module
     from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
-    from imagpose_jax.models.init import abstract
+    from imagpose_jax.models.layers import parse_dtype
     from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
-    from flax import nnx
 
+    dtype = parse_dtype(dtype)
     folder = PipelineFolder(folder).check()
     model, _ = load_model(folder.denoiser, dtype=dtype)
-    vcfg = VAEConfig.from_dict(read_config(folder.vae))
-    vae = abstract(lambda k: AutoencoderKL(vcfg, rngs=k, dtype=dtype))
-    nnx.update(vae, load_params(folder.vae, nnx.state(vae, nnx.Param)))
-    dcfg = Dinov2Config.from_dict(read_config(folder.image_encoder))
-    dino = abstract(lambda k: Dinov2Model(dcfg, rngs=k, dtype=dtype))
-    nnx.update(dino, load_params(folder.image_encoder, nnx.state(dino, nnx.Param)))
+    vae = load_module(folder.vae, lambda c, k: AutoencoderKL(VAEConfig.from_dict(c), rngs=k, dtype=dtype))
+    dino = load_module(folder.image_encoder, lambda c, k: Dinov2Model(Dinov2Config.from_dict(c), rngs=k, dtype=dtype))
     return model, vae, dino
 
 
@@ -83,6 +81,7 @@ class IMAGPosePipeline:
 
     @classmethod
     def from_pretrained(cls, folder, cfg: SamplerConfig = SamplerConfig(), dtype=None) -> IMAGPosePipeline:
+        """The pipeline of a converted folder, its models in `dtype` (see `load_pipeline_models`)."""
         return cls(*load_pipeline_models(folder, dtype), cfg)
 
     def set_weights(self, model, vae, dino) -> None:

@@ -4,6 +4,11 @@ VAE decode, as one jitted XLA program (spec section 7). Compiled once per input 
 Input: a `data.batch.Batch` (see there; built with `data.batch.make_example`). The program is a composition of
 the model's own functions: `models.encode.encode` -> `IMAGPose.condition` -> (with guidance, [null | cond]
 stacked) `IMAGPose.denoise` at every step -> the VAE decode.
+
+Precision: the models compute in their own dtype (`models.layers`: float32, or bfloat16 / float16 when loaded so,
+e.g. `IMAGPosePipeline.from_pretrained(..., dtype="bfloat16")`). The latents carried from step to step, the
+guidance combination and the scheduler's arithmetic are float32 whatever it is: each step casts the latents to
+the denoiser's dtype for the UNet and its prediction back to float32. Images come back float32.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from imagpose_jax.data.batch import Batch, as_batch
 from imagpose_jax.data.grid import view_multiple
 from imagpose_jax.models.encode import encode
+from imagpose_jax.models.layers import weight_dtype
 from imagpose_jax.schedulers import make_scheduler
 from imagpose_jax.schedulers.common import NOISE_SCHEDULE
 
@@ -71,6 +77,7 @@ class Sampler:
         self.cfg = cfg
         self.scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_inference_steps)
         self.vae_cfg = vae.cfg
+        self.dtype = weight_dtype(model)    # the denoiser's compute dtype (its weights')
         self.view_multiple = view_multiple(model.unet.grid_multiple, vae.cfg.downscale_factor)  # pixels a view side
         self.traces = 0  # how many times the program was traced (compiled): once per input shape
         self.mesh = mesh
@@ -123,8 +130,9 @@ class Sampler:
         def body(i, carry):
             latents, solver, k = carry
             k, sub = jax.random.split(k)
-            x = jnp.concatenate([latents, latents], 0) if do_cfg else latents
-            out = model.denoise(x, timesteps[i], cond)
+            x = latents.astype(self.dtype)
+            x = jnp.concatenate([x, x], 0) if do_cfg else x
+            out = model.denoise(x, timesteps[i], cond).astype(jnp.float32)
             if do_cfg:
                 uncond, c = jnp.split(out, 2)
                 out = uncond + guidance * (c - uncond)
@@ -133,11 +141,21 @@ class Sampler:
 
         latents = noise * sched.init_noise_sigma
         latents, _, _ = jax.lax.fori_loop(0, len(sched.timesteps), body, (latents, sched.init_solver_state(latents), key))
-        return jnp.clip(vae.decode_latents(latents) / 2 + 0.5, 0.0, 1.0)
+        return jnp.clip(vae.decode_latents(latents).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     def __call__(self, batch: Batch, noise: np.ndarray | None = None, key: jax.Array | None = None) -> np.ndarray:
         """noise (B, 2H/f, 2W/f, C) (f, C: the VAE's downscale factor and latent channels; SD's 8 and 4), or `key`
         to draw it. Returns float32 images (B, 2H, 2W, 3) in [0, 1]."""
+        b, args = self._inputs(batch, noise, key)
+        return np.asarray(self._run(*args))[:b]
+
+    def trace(self, batch: Batch, noise: np.ndarray | None = None, key: jax.Array | None = None) -> jax.stages.Traced:
+        """The program `__call__` runs on these inputs, traced, not compiled (its `.jaxpr`, `.lower()`): to inspect
+        it, e.g. the dtypes its matmuls and convolutions run in."""
+        return self._run.trace(*self._inputs(batch, noise, key)[1])
+
+    def _inputs(self, batch, noise, key) -> tuple[int, tuple]:
+        """(batch size before padding, the program's arguments)."""
         batch = as_batch(batch)
         batch = Batch(*(jnp.asarray(x, bool if f == "known" else jnp.float32) for f, x in zip(Batch._fields, batch)))
         b, hh, ww, _ = batch.grid.shape
@@ -149,13 +167,10 @@ class Sampler:
         noise = jnp.asarray(noise, jnp.float32)
         if noise.shape != shape:
             raise ValueError(f"noise has shape {noise.shape}; expected {shape}")
-        pad = 0
         if self.mesh is not None:
-            n = self.mesh.size
-            pad = (-b) % n
+            pad = (-b) % self.mesh.size
             if pad:
                 batch = Batch(*(jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) for x in batch))
                 noise = jnp.concatenate([noise, jnp.repeat(noise[-1:], pad, 0)])
             batch, noise = jax.device_put((batch, noise), NamedSharding(self.mesh, P("data")))
-        images = self._run(self._state, batch, noise, jnp.float32(self.cfg.guidance_scale), key)
-        return np.asarray(images)[:b]
+        return b, (self._state, batch, noise, jnp.float32(self.cfg.guidance_scale), key)
