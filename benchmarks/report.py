@@ -62,15 +62,15 @@ def unet(r: dict) -> str:
 
 
 def sampler(r: dict) -> str:
-    s = r["summary"]
+    summaries = r.get("summaries") or {r["dtype"]: r["summary"]}   # files of one dtype before --dtype took a list
     out = ["| program | compile s (samplers: first call − run) | first call s | run s, min (median) | CPU s | traces | peak GiB |",
            "|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         out.append(f"| {x['program']} | {x.get('compile_s', 0):.1f} | {x['first_call_s']:.1f} | "
                    f"{x['run_s']:.2f} ({x['median_s']:.2f}) | {x['cpu_s']:.1f} | {x.get('traces', '')} | "
                    f"{x.get('device_peak_gib', x['peak_rss_gib'])} |")
-    out.append("")
-    out.append(", ".join(f"{k} {v:.4g}" for k, v in s.items()))
+    for name, s in summaries.items():
+        out += ["", f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in s.items())]
     return "\n".join(out)
 
 
