@@ -73,6 +73,27 @@ def drawn_modules(*ctors, seed: int = 0) -> tuple:
     return tuple(out)
 
 
+def drawn_train_state(c, mesh=None):
+    """`train.state.init_train_state` for training config `c`, the models' weights drawn by `drawn_modules` (seed
+    `c.seed`) instead of initialised in one jitted program (whose every distinct-shaped random draw XLA compiles on
+    its own: 40-60 s for the tiny models on a 2-core CPU) -> (graphdef, state placed by the partition rules on `mesh`
+    (default: one device), shardings). The optimizer, EMA and RNG are the config's (`train.config.train_state`)."""
+    import jax
+    from flax import nnx
+    from imagpose_jax.sharding import make_mesh
+    from imagpose_jax.train import config as tc
+    from imagpose_jax.train.state import abstract_train_state
+
+    mesh = mesh or make_mesh(devices=jax.devices()[:1])
+    graphdef, _, shardings = abstract_train_state(tc.state_builder(c), mesh)
+    models = [nnx.split(m) for m in drawn_modules(*tc.model_constructors(c), seed=c.seed)]
+
+    def build(states):
+        return nnx.split(tc.train_state(c, *(nnx.merge(g, s) for (g, _), s in zip(models, states))))[1]
+    state = jax.jit(build, out_shardings=shardings)([s for _, s in models])
+    return graphdef, state, shardings
+
+
 def tiny_models(seed: int = 0, *, use_cva: bool = True):
     """(IMAGPose, AutoencoderKL, Dinov2Model) of the tiny configs, weights drawn by `drawn_modules`."""
     from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model

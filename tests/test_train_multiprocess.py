@@ -57,7 +57,7 @@ WORKER = textwrap.dedent("""
     owner = host_batch_to_global({"p": np.full((4 // jax.process_count(),), jax.process_index())}, mesh)["p"]
     owner = np.asarray(multihost_utils.process_allgather(owner, tiled=True)).tolist()
     t1 = time.monotonic()
-    graphdef, state, shardings, step = build(c, mesh)
+    graphdef, state, shardings, step = build(c, mesh, drawn=False)   # the sharded init across hosts itself
     t2 = time.monotonic()
     losses = []
     for batch in local:

@@ -15,6 +15,7 @@ from imagpose_jax.data.batch import Batch, as_batch
 from imagpose_jax.train.step import TrainStep
 from imagpose_jax.train.state import init_train_state
 from imagpose_jax.sharding import batch_sharding, make_mesh
+from imagpose_jax.testing import drawn_train_state
 
 def diffusers_alphas_cumprod() -> np.ndarray:
     """diffusers' DDPM training schedule (the reference): scaled_linear 0.00085 -> 0.012, zero terminal SNR."""
@@ -49,10 +50,15 @@ def tiny_batch(batch_size: int = 2, seed: int = 0) -> Batch:
         return as_batch(next(it))
 
 
-def build(c, mesh=None):
-    """(graphdef, state, shardings, TrainStep) for config `c` on `mesh` (default: one device)."""
+def build(c, mesh=None, *, drawn: bool = True):
+    """(graphdef, state, shardings, TrainStep) for config `c` on `mesh` (default: one device). The weights are drawn in
+    NumPy (`testing.drawn_train_state`: no compile of the random init) unless `drawn` is False, which runs
+    `init_train_state` itself, as `imagpose train` does."""
     mesh = mesh or make_mesh(devices=jax.devices()[:1])
-    graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
+    if drawn:
+        graphdef, state, shardings = drawn_train_state(c, mesh)
+    else:
+        graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
     step = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
                      batch_sharding=batch_sharding(mesh))
     return graphdef, state, shardings, step

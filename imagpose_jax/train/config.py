@@ -35,21 +35,32 @@ def optimizer(c: ml_collections.ConfigDict):
     return make_tx(**c.optim.to_dict(), total_steps=c.steps)
 
 
+def model_constructors(c: ml_collections.ConfigDict) -> tuple[Callable, Callable, Callable]:
+    """The config's (denoiser, VAE, DINOv2) as constructors `ctor(rngs)`, after checking that they fit together."""
+    mcfg = model_config(c)
+    check_model_config(c.stage, mcfg)
+    vae_cfg, dino_cfg = VAEConfig.from_dict(c.vae.to_dict()), Dinov2Config.from_dict(c.dino.to_dict())
+    if vae_cfg.downscale_factor != mcfg.pose_downscale_factor:
+        raise ValueError(f"the VAE downscales by {vae_cfg.downscale_factor} but the pose guider by "
+                         f"{mcfg.pose_downscale_factor}: give pose_guider_channels {len(c.vae.block_out_channels)} entries")
+    return (lambda rngs: IMAGPose(mcfg, rngs=rngs), lambda rngs: AutoencoderKL(vae_cfg, rngs=rngs),
+            lambda rngs: Dinov2Model(dino_cfg, rngs=rngs))
+
+
+def train_state(c: ml_collections.ConfigDict, model, vae, dino) -> TrainState:
+    """The config's training state around these models: its optimizer over the stage's trainable parameters,
+    EMA and RNG seed."""
+    return TrainState(model, vae, dino, optimizer(c), trainable_filter(c.stage), seed=c.seed, ema=c.ema)
+
+
 def state_builder(c: ml_collections.ConfigDict) -> Callable[[], TrainState]:
     """The `build` argument of `init_train_state`: random-weight models (pretrained weights are loaded
     into the sharded state afterwards) and an optimizer over the stage's trainable parameters."""
-    mcfg = model_config(c)
-    check_model_config(c.stage, mcfg)
-    vae_factor, pose_factor = VAEConfig.from_dict(c.vae.to_dict()).downscale_factor, mcfg.pose_downscale_factor
-    if vae_factor != pose_factor:
-        raise ValueError(f"the VAE downscales by {vae_factor} but the pose guider by {pose_factor}: give "
-                         f"pose_guider_channels {len(c.vae.block_out_channels)} entries")
+    ctors = model_constructors(c)
 
     def build() -> TrainState:
         keys = ParamKeys(c.seed)
-        return TrainState(IMAGPose(mcfg, rngs=keys), AutoencoderKL(VAEConfig.from_dict(c.vae.to_dict()), rngs=keys),
-                          Dinov2Model(Dinov2Config.from_dict(c.dino.to_dict()), rngs=keys), optimizer(c),
-                          trainable_filter(c.stage), seed=c.seed, ema=c.ema)
+        return train_state(c, *(ctor(keys) for ctor in ctors))
     return build
 
 
