@@ -40,7 +40,10 @@ def v5e():
 def compiled(v5e):
     from imagpose_jax.train.aot import compile_train_step
     c, devices, chip = v5e
-    return compile_train_step(c, devices, chip), chip
+    hlo = []
+    report = compile_train_step(c, devices, chip, on_compiled=lambda p: hlo.append(p.as_text()))
+    report["hlo"] = hlo[0]
+    return report, chip
 
 
 def test_tiny_stage2_step_compiles_for_v5e(compiled):
@@ -52,7 +55,18 @@ def test_tiny_stage2_step_compiles_for_v5e(compiled):
     assert 0 < p["peak_bytes"] < chip.hbm_bytes and p["flops"] > 1e8
     # splash attention (a Mosaic kernel) forward and backward, in the program for the TPU, not interpreted
     assert report["tpu_custom_calls"] >= 3, report["tpu_custom_calls"]
-    print({k: v for k, v in report.items() if k != "per_chip"}, p)
+    print({k: v for k, v in report.items() if k not in ("per_chip", "hlo")}, p)
+
+
+def test_activations_stay_split_over_the_batch(compiled):
+    """Global batch 4 (grids 128x128) on 4 chips: no chip holds tensors of the global batch at grid size, only its own grid (the
+    VAE encodes the targets and the masked grid together: 2 per chip). Before the frozen encoders were replicated
+    and the UNet's blocks pinned to the batch split, XLA followed the FSDP-sharded kernels' channel split into the
+    VAE's activations and held tensors of 4 and 8 grids on every chip (temporaries 100 MB against 76 MB)."""
+    import re
+    report, _ = compiled
+    lead = {int(m.group(1)) for m in re.finditer(r"\[(\d+),128,128,\d+\]", report["hlo"])}
+    assert {1, 2} <= lead and not lead & {4, 8}, sorted(lead)
 
 
 def test_tiny_sampler_compiles_for_v5e(v5e):

@@ -92,3 +92,6 @@ def test_partition_rules():
     assert spec_for("optimizer.opt_state.1.0.mu.unet.x.to_q.kernel", (320, 320), mesh) == P("fsdp", None)
     assert spec_for("model.unet.conv_in.bias", (320,), mesh) == P()
     assert spec_for("rng", (), mesh) == P()
+    # the frozen encoders replicated (no FSDP gathers of them every step)
+    assert spec_for("vae.encoder.conv_in.kernel", (3, 3, 3, 128), mesh) == P()
+    assert spec_for("dino.encoder.layer.0.attention.attention.query.kernel", (768, 768), mesh) == P()

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from imagpose_jax.models.layers import linear
-from imagpose_jax.sharding.mesh import BATCH_AXES
+from imagpose_jax.sharding.mesh import batch_split
 
 IMPLS = ("auto", "einsum", "chunked", "xla", "cudnn", "splash")
 ENV_VAR = "IMAGPOSE_ATTN_IMPL"
@@ -200,11 +200,7 @@ def _splash(q, k, v, *, interpret: bool):
     if mesh is None or mesh.size == 1 or mesh.are_all_axes_manual:
         return _splash_local(q, k, v, interpret=interpret)
     b, _, h, _ = q.shape
-    batch, n = [], 1
-    for a in BATCH_AXES:  # as many of the batch axes as divide B
-        if a in mesh.axis_names and b % (n * mesh.shape[a]) == 0:
-            batch.append(a)
-            n *= mesh.shape[a]
+    batch = batch_split(mesh, b)
     heads = "tensor" if "tensor" in mesh.axis_names and h % mesh.shape["tensor"] == 0 else None
     spec = P(tuple(batch) or None, None, heads, None)
     fn = functools.partial(_splash_local, interpret=interpret)

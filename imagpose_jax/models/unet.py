@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagpose_jax.models.attention import program_mesh
 from imagpose_jax.models.cva import CrossViewAttention
 from imagpose_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from imagpose_jax.models.layers import activation, conv, group_norm
 from imagpose_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from imagpose_jax.models.transformer import Transformer2DModel
 from imagpose_jax.models.unet_config import CROSS_DOWN, CROSS_UP, UNetConfig
+from imagpose_jax.sharding.mesh import constrain_batch
 
 
 def _apply(module, *args):
@@ -29,10 +31,12 @@ class _Remat(nnx.Module):
         self.remat, self.remat_policy = cfg.remat, cfg.remat_policy
 
     def _run(self, module, *args):
+        mesh = program_mesh(args[0])   # on a mesh: the block's input and output batch-split (`constrain_batch`)
+        x, *rest = constrain_batch(args[0], mesh), *args[1:]
         if self.remat == "none":
-            return module(*args)
+            return constrain_batch(module(x, *rest), mesh)
         policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
-        return nnx.remat(_apply, policy=policy)(module, *args)
+        return constrain_batch(nnx.remat(_apply, policy=policy)(module, x, *rest), mesh)
 
 
 class _Block(_Remat):

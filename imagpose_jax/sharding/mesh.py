@@ -28,3 +28,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ('data', 'fsdp'), everything else replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_split(mesh, batch: int) -> tuple[str, ...]:
+    """The batch axes ('data', 'fsdp') of `mesh` that split a batch of `batch`, as many as divide it in turn."""
+    axes, n = [], 1
+    for a in BATCH_AXES:
+        if a in mesh.axis_names and batch % (n * mesh.shape[a]) == 0:
+            axes.append(a)
+            n *= mesh.shape[a]
+    return tuple(axes)
+
+
+def constrain_batch(x: jax.Array, mesh) -> jax.Array:
+    """`x` (B, ...) pinned to batch-split, everything else replicated, on `mesh` (the traced program's abstract
+    mesh; no-op for None, one device or inside a `shard_map`): activations between blocks stay split over the
+    batch axes instead of following the FSDP-sharded weights' channels (which would hold the whole global batch on
+    every chip)."""
+    if mesh is None or mesh.size == 1 or mesh.are_all_axes_manual:
+        return x
+    axes = batch_split(mesh, x.shape[0])
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes or None)))

@@ -91,9 +91,10 @@ def _tpu_kernels(compiled) -> int:
     return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
-def compile_train_step(c, devices, chip: Chip) -> dict:
+def compile_train_step(c, devices, chip: Chip, *, on_compiled=None) -> dict:
     """The train step of config `c` compiled for `devices` -> a per-chip report (bytes, FLOPs, step time at peak);
-    `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`."""
+    `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`.
+    `on_compiled(compiled)` is called with the compiled program (e.g. to read its HLO)."""
     from flax import nnx
 
     from imagpose_jax.data.batch import batch_spec
@@ -112,6 +113,8 @@ def compile_train_step(c, devices, chip: Chip) -> dict:
                          f"{mesh.shape['data']} x {mesh.shape['fsdp']} batch shards")
     batch = batch_spec(d.batch_size, d.height, d.width, sharding=batch_sharding(mesh))
     compiled, mem, cost = _compile(step.lower(state, batch), chip, "the train step")
+    if on_compiled is not None:
+        on_compiled(compiled)
     ts = nnx.State(state) if not isinstance(state, nnx.State) else state
     params = _bytes(nnx.filter_state(ts["model"], nnx.Param))
     frozen = _bytes(ts["vae"]) + _bytes(ts["dino"])
