@@ -90,14 +90,14 @@ def evaluate(export: str, c, test_persons, out: str, log=None) -> dict:
     writes the sheets and generated views."""
     from imagpose_jax.images import save_image
     from imagpose_jax.models.imagpose import IMAGPose
-    from imagpose_jax.models.init import ParamKeys
+    from imagpose_jax.models.init import concrete
     from imagpose_jax.sampling.pipeline import IMAGPosePipeline, load_pipeline_models
     from imagpose_jax.sampling.sampler import SamplerConfig
     from imagpose_jax.train import config as tc
 
     d, view = c.demo, c.data.height
     trained, vae, dino = load_pipeline_models(export)
-    untrained = IMAGPose(tc.model_config(c), rngs=ParamKeys(c.seed))
+    untrained = concrete(lambda k: IMAGPose(tc.model_config(c), rngs=k), seed=c.seed)
     pipe = IMAGPosePipeline(trained, vae, dino, SamplerConfig(  # compiled once; each model's weights swapped in
         num_inference_steps=d.sample_steps, guidance_scale=d.guidance,
         scheduler_config={**SamplerConfig().scheduler_config, **c.noise.to_dict()}))

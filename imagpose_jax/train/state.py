@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from imagpose_jax.models.init import init_compiler_options
 from imagpose_jax.sharding.rules import PARTITION_RULES, Rules, state_shardings
 
 
@@ -76,7 +77,9 @@ def abstract_train_state(build: Callable[[], TrainState], mesh: Mesh,
 def init_train_state(build: Callable[[], TrainState], mesh: Mesh,
                      rules: Rules = PARTITION_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """`build()` (constructing models with `ParamKeys`, never `nnx.Rngs`) -> (graphdef, sharded state, shardings):
-    `abstract_train_state`, then the construction once under `jax.jit` with those output shardings."""
+    `abstract_train_state`, then the construction once under `jax.jit` with those output shardings (compiled as
+    `models.init.init_compiler_options` says for the mesh's platform)."""
     graphdef, _, shardings = abstract_train_state(build, mesh, rules)
-    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    options = init_compiler_options(mesh.devices.flat[0].platform)
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings, compiler_options=options)()
     return graphdef, state, shardings

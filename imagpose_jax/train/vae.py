@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from PIL import Image
 
-from imagpose_jax.models.init import ParamKeys
+from imagpose_jax.models.init import abstract, concrete
 from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 
 
@@ -72,7 +72,7 @@ def train_vae(images: np.ndarray, vae_config: dict, *, steps: int = 600, batch_s
         raise ValueError(f"crop {crop} is larger than the images {images.shape[1:3]}")
     if size % 8 or images.shape[1] % 8 or images.shape[2] % 8:
         raise ValueError(f"images {images.shape[1:3]} and crop {crop} must be multiples of 8 (the colour term's blocks)")
-    vae = AutoencoderKL(VAEConfig.from_dict(cfg), rngs=ParamKeys(seed))
+    vae = concrete(lambda k: AutoencoderKL(VAEConfig.from_dict(cfg), rngs=k), seed=seed)
     bias = vae.quant_conv.bias
     bias.set_value(bias.get_value().at[vae.cfg.latent_channels:].set(initial_logvar))
     tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -113,8 +113,8 @@ def train_vae(images: np.ndarray, vae_config: dict, *, steps: int = 600, batch_s
     std = float(means.std())
     noise_std = float(np.sqrt(np.mean(np.exp(np.concatenate([lv for _, lv in posterior])))))
     cfg["scaling_factor"] = float(1.0 / max(std, 1e-6))
-    scaled = AutoencoderKL(VAEConfig.from_dict(cfg), rngs=ParamKeys(seed))
-    nnx.update(scaled, nnx.state(vae, nnx.Param))
+    scaled = abstract(lambda k: AutoencoderKL(VAEConfig.from_dict(cfg), rngs=k))
+    nnx.update(scaled, nnx.state(vae))
     a = {k: float(v) for k, v in jax.device_get(aux).items()}
     return scaled, cfg, {"steps": done, "seconds": round(seconds, 2), "final": a, "latent_std": std,
                          "posterior_noise_std": noise_std, "scaling_factor": cfg["scaling_factor"]}
