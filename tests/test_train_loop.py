@@ -108,10 +108,11 @@ def test_kill_and_resume_is_bit_exact(tmp_path, env, straight, capsys):
         np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
 
 
-def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, straight, capsys):
+def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, straight, capsys, monkeypatch):
     """SIGTERM after step 5 (checkpoints every 3): the loop finishes that step, saves step 5 and stops with one line
-    (`imagpose train` exits 128 + 15 with it); the rerun's first step is 6, and its losses and final parameters are
-    those of the uninterrupted run."""
+    (`imagpose train` exits 128 + 15 with it); the rerun's first step is 6, it restores the checkpoint straight into
+    the abstract state (no random initialisation), and its losses and final parameters are those of the
+    uninterrupted run."""
     import signal
     from imagpose_jax.train.config import load_config
     from imagpose_jax.train.loop import Interrupted, train
@@ -126,6 +127,8 @@ def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, stra
     assert info.value.signum == signal.SIGTERM and f"stopped by SIGTERM after step {TERM_AT}" in str(info.value)
     assert signal.getsignal(signal.SIGTERM) == before   # the loop's handler is gone again
     assert not os.path.isdir(os.path.join(stopped, "export"))
+    from imagpose_jax.train import loop
+    monkeypatch.setattr(loop, "initial_state", lambda *a: pytest.fail("the resumed run initialised the state"))
     rc, summary, err = run_main(stopped, capsys)
     assert rc == 0, err[-3000:]
     assert summary["start_step"] == TERM_AT

@@ -12,7 +12,7 @@ from imagpose_jax.train.stages import CVA
 from train_fixtures import build, tiny_batch, tiny_config
 
 
-STEPS = 60
+STEPS = 30
 
 
 def flat(state) -> dict:

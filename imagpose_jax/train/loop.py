@@ -34,7 +34,7 @@ from imagpose_jax.sharding import batch_sharding, host_batch_to_global, make_mes
 from imagpose_jax.train import config as tc
 from imagpose_jax.train.inputs import sample_examples, train_iterator
 from imagpose_jax.train.pretrained import load_pretrained
-from imagpose_jax.train.state import init_train_state
+from imagpose_jax.train.state import abstract_train_state, initial_state
 from imagpose_jax.train.step import TrainStep
 
 
@@ -124,10 +124,19 @@ def _preempted(step: int) -> bool:
         return False
 
 
-def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """(graphdef, sharded state, shardings): random init (jitted, sharded), then the pretrained weights."""
-    graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
-    return graphdef, load_pretrained(state, shardings, c), shardings
+def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ckpt: TrainCheckpointer,
+                iterator) -> tuple[int, nnx.GraphDef, nnx.State, nnx.State]:
+    """(start step, graphdef, sharded state, shardings). Resuming, the newest checkpoint that reads back is restored
+    straight into the abstract state (no random init: at SD1.5 size that would be a compile and an initialisation
+    thrown away); otherwise random init (jitted, sharded), then the pretrained weights."""
+    build = tc.state_builder(c)
+    graphdef, abstract, shardings = abstract_train_state(build, mesh)
+    start, state = ckpt.restore_latest(abstract, shardings, iterator)   # past an unreadable newest checkpoint
+    if start:
+        logging.info("resumed from step %d", start)
+    else:
+        state = load_pretrained(initial_state(build, shardings), shardings, c)
+    return start, graphdef, state, shardings
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -147,12 +156,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     mesh = make_mesh(**c.mesh.to_dict())
     t0 = time.perf_counter()
     iterator = train_iterator(c, workdir, mesh, progress=progress)   # every image checked before the models are built
-    graphdef, state, shardings = build_state(c, mesh)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep,
                              async_save=c.train.async_checkpoint)
-    start, state = ckpt.restore_latest(state, shardings, iterator)   # past an unreadable newest checkpoint
-    if start:
-        logging.info("resumed from step %d", start)
+    start, graphdef, state, shardings = build_state(c, mesh, ckpt, iterator)
     init_s = time.perf_counter() - t0
     step_fn = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
                         batch_sharding=batch_sharding(mesh))

@@ -80,6 +80,12 @@ def init_train_state(build: Callable[[], TrainState], mesh: Mesh,
     `abstract_train_state`, then the construction once under `jax.jit` with those output shardings (compiled as
     `models.init.init_compiler_options` says for the mesh's platform)."""
     graphdef, _, shardings = abstract_train_state(build, mesh, rules)
-    options = init_compiler_options(mesh.devices.flat[0].platform)
-    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings, compiler_options=options)()
-    return graphdef, state, shardings
+    return graphdef, initial_state(build, shardings), shardings
+
+
+def initial_state(build: Callable[[], TrainState], shardings: nnx.State) -> nnx.State:
+    """The state of `build()`, constructed once under `jax.jit` straight into `shardings` (those of
+    `abstract_train_state`)."""
+    platform = jax.tree.leaves(shardings)[0].mesh.devices.flat[0].platform
+    return jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings,
+                   compiler_options=init_compiler_options(platform))()
