@@ -128,7 +128,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, stra
     assert signal.getsignal(signal.SIGTERM) == before   # the loop's handler is gone again
     assert not os.path.isdir(os.path.join(stopped, "export"))
     from imagpose_jax.train import loop
-    monkeypatch.setattr(loop, "initial_state", lambda *a: pytest.fail("the resumed run initialised the state"))
+    monkeypatch.setattr(loop, "jit_state", lambda *a: pytest.fail("the resumed run initialised the state"))
     rc, summary, err = run_main(stopped, capsys)
     assert rc == 0, err[-3000:]
     assert summary["start_step"] == TERM_AT

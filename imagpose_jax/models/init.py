@@ -42,11 +42,16 @@ def init_compiler_options(platform: str) -> dict | None:
     return {"xla_backend_optimization_level": 0} if platform == "cpu" else None
 
 
-def concrete(ctor: Callable[[ParamKeys], M], seed: int = 0) -> M:
-    """The module `ctor(ParamKeys(seed))` with its parameters drawn in one jitted program on the default device.
-    (Built eagerly, each initialiser of each shape compiles on its own: for the demo's denoiser ~100 programs.)"""
-    graphdef = nnx.graphdef(abstract(ctor))
-    options = init_compiler_options(jax.devices()[0].platform)
-    state = jax.jit(lambda: nnx.state(ctor(ParamKeys(seed))), compiler_options=options)()
-    return nnx.merge(graphdef, state)
+def jit_state(build: Callable[[], nnx.Module], shardings: nnx.State | None = None) -> nnx.State:
+    """The state of `build()`, its parameters drawn in one jitted program (built eagerly, each initialiser of each
+    shape compiles on its own: ~100 programs for the demo's denoiser), placed by `shardings` (default: the default
+    device) and compiled as `init_compiler_options` says for their platform."""
+    leaves = jax.tree.leaves(shardings)
+    platform = leaves[0].mesh.devices.flat[0].platform if leaves else jax.devices()[0].platform
+    return jax.jit(lambda: nnx.state(build()), out_shardings=shardings,
+                   compiler_options=init_compiler_options(platform))()
 
+
+def concrete(ctor: Callable[[ParamKeys], M], seed: int = 0) -> M:
+    """The module `ctor(ParamKeys(seed))`, its parameters drawn in one jitted program (`jit_state`)."""
+    return nnx.merge(nnx.graphdef(abstract(ctor)), jit_state(lambda: ctor(ParamKeys(seed))))

@@ -30,11 +30,12 @@ from flax import nnx
 
 from imagpose_jax.checkpoint.folder import PipelineFolder, atomic_folder
 from imagpose_jax.checkpoint.train_state import TrainCheckpointer
+from imagpose_jax.models.init import jit_state
 from imagpose_jax.sharding import batch_sharding, host_batch_to_global, make_mesh
 from imagpose_jax.train import config as tc
 from imagpose_jax.train.inputs import sample_examples, train_iterator
 from imagpose_jax.train.pretrained import load_pretrained
-from imagpose_jax.train.state import abstract_train_state, initial_state
+from imagpose_jax.train.state import abstract_train_state
 from imagpose_jax.train.step import TrainStep
 
 
@@ -135,7 +136,7 @@ def build_state(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ckpt: Tra
     if start:
         logging.info("resumed from step %d", start)
     else:
-        state = load_pretrained(initial_state(build, shardings), shardings, c)
+        state = load_pretrained(jit_state(build, shardings), shardings, c)
     return start, graphdef, state, shardings
 
 

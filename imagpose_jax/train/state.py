@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from imagpose_jax.models.init import init_compiler_options
+from imagpose_jax.models.init import jit_state
 from imagpose_jax.sharding.rules import PARTITION_RULES, Rules, state_shardings
 
 
@@ -77,15 +77,8 @@ def abstract_train_state(build: Callable[[], TrainState], mesh: Mesh,
 def init_train_state(build: Callable[[], TrainState], mesh: Mesh,
                      rules: Rules = PARTITION_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """`build()` (constructing models with `ParamKeys`, never `nnx.Rngs`) -> (graphdef, sharded state, shardings):
-    `abstract_train_state`, then the construction once under `jax.jit` with those output shardings (compiled as
-    `models.init.init_compiler_options` says for the mesh's platform)."""
+    `abstract_train_state`, then the construction once under `jax.jit` with those output
+    shardings (`models.init.jit_state`)."""
     graphdef, _, shardings = abstract_train_state(build, mesh, rules)
-    return graphdef, initial_state(build, shardings), shardings
+    return graphdef, jit_state(build, shardings), shardings
 
-
-def initial_state(build: Callable[[], TrainState], shardings: nnx.State) -> nnx.State:
-    """The state of `build()`, constructed once under `jax.jit` straight into `shardings` (those of
-    `abstract_train_state`)."""
-    platform = jax.tree.leaves(shardings)[0].mesh.devices.flat[0].platform
-    return jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings,
-                   compiler_options=init_compiler_options(platform))()
