@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     from imagpose_jax.sharding import batch_sharding, make_mesh
     from imagpose_jax.train import config as tc
     from imagpose_jax.train.state import init_train_state
-    from imagpose_jax.train.step import TrainStep
 
     c = tc.load_config(str(ROOT / "configs" / f"stage{a.stage}.py") + (":tiny" if a.size == "tiny" else ""))
     if a.views:
@@ -76,14 +75,14 @@ def main(argv=None) -> int:
     print(f"state built in {init_s:.1f}s ({n_params / 1e9:.3f} B numbers incl. optimizer state), "
           f"RSS {rss_gib():.1f} GiB", flush=True)
     scfg = tc.step_config(c)
-    step = TrainStep(graphdef, scfg, tc.training_schedule(c), shardings=shardings, batch_sharding=batch_sharding(mesh))
+    step = tc.train_step(c, graphdef, shardings, mesh)
     batch = jax.device_put(random_batch(b, hgt, wid), batch_sharding(mesh))
 
     flops = None
     if not a.no_flops:  # model FLOPs: einsum attention (plain dots), no remat; lowering only, nothing runs
         plain = c.copy_and_resolve_references()
         plain.unet.remat = "none"   # same parameters and state; the forward counted once
-        counting = TrainStep(nnx.graphdef(nnx.eval_shape(tc.state_builder(plain))), scfg, tc.training_schedule(c))
+        counting = tc.train_step(c, nnx.graphdef(nnx.eval_shape(tc.state_builder(plain))))
         old = os.environ.get("IMAGPOSE_ATTN_IMPL")
         os.environ["IMAGPOSE_ATTN_IMPL"] = "einsum"
         try:

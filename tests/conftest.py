@@ -29,13 +29,13 @@ def tiny_weights(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_weights"))
 
 
-# The heaviest test files first, in the order of their measured time (`--durations`, idle 2-core machine,
-# 2026-12-01: test_train_loop 242 s, test_aot 176 s, test_golden 160 s ... test_unet_remat 40 s), so that the two
+# The heaviest test files first, in the order of their measured time (`--durations`, 2-core machine, 2026-12-02:
+# test_train_loop 415 s, test_golden 283 s, test_train_sharding 216 s ... test_metrics 37 s), so that the two
 # pytest-xdist workers (`--dist loadfile --no-loadscope-reorder`, pytest.ini) finish together: longest-first
 # scheduling. The other files follow in their usual order.
-HEAVY_FIRST = ("test_train_loop.py", "test_aot.py", "test_golden.py", "test_train_sharding.py", "test_vae_factor.py",
-               "test_sampler.py", "test_train_vae.py", "test_demo.py", "test_convert_unet.py", "test_train_step.py",
-               "test_sampler_devices.py", "test_unet_remat.py")
+HEAVY_FIRST = ("test_train_loop.py", "test_golden.py", "test_train_sharding.py", "test_aot.py", "test_vae_factor.py",
+               "test_convert_unet.py", "test_demo.py", "test_sampler.py", "test_train_vae.py", "test_sampler_devices.py",
+               "test_train_step.py", "test_attention.py", "test_metrics.py")
 
 
 def pytest_collection_modifyitems(items):

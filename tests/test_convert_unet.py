@@ -50,12 +50,21 @@ def _ours(cfg: UNetConfig, params) -> UNet:
     return model
 
 
+# One jitted function for every UNet of this file: the same config and input shapes compile once.
+_apply_unet = nnx.jit(lambda m, x, t, c: m(x, t, c))
+
+
+def _apply(ours: UNet, sample_nchw: np.ndarray, t: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+    """Our UNet on NCHW inputs (NHWC inside) -> NCHW output."""
+    with jax.default_matmul_precision("highest"):
+        out = _apply_unet(ours, jnp.asarray(sample_nchw.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx))
+    return np.asarray(out).transpose(0, 3, 1, 2)
+
+
 def _run_both(ours: UNet, theirs, sample_nchw: np.ndarray, t: np.ndarray, ctx: np.ndarray):
     with torch.no_grad():
         ref = theirs(torch.from_numpy(sample_nchw), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
-    with jax.default_matmul_precision("highest"):
-        out = nnx.jit(lambda m, *a: m(*a))(ours, jnp.asarray(sample_nchw.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx))
-    return np.asarray(out).transpose(0, 3, 1, 2), ref
+    return _apply(ours, sample_nchw, t, ctx), ref
 
 
 def test_stage1_unet_matches_diffusers(diffusers_unet_dir):
@@ -85,15 +94,15 @@ def test_sd15_conv_in_expansion_keeps_sd_output(tmp_path):
     params = unet_from_sd15(cfg, sd)
     w = np.asarray(params["conv_in"]["kernel"].get_value())  # (3, 3, 9, C)
     assert np.array_equal(w[:, :, :4], sd["conv_in.weight"].transpose(2, 3, 1, 0)) and not w[:, :, 4:].any()
-    rng = np.random.default_rng(1)
-    lat = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
-    extra = rng.standard_normal((1, 5, 32, 32)).astype(np.float32)
-    ctx = rng.standard_normal((1, 5, 48)).astype(np.float32)
+    rng = np.random.default_rng(1)   # the shapes of test_stage1_unet_matches_diffusers: its program, compiled once
+    lat = rng.standard_normal((2, 4, 32, 48)).astype(np.float32)
+    extra = rng.standard_normal((2, 5, 32, 48)).astype(np.float32)
+    ctx = rng.standard_normal((2, 7, 48)).astype(np.float32)
+    t = np.array([500, 37])
     with torch.no_grad():
-        ref = sd_unet(torch.from_numpy(lat), 500, torch.from_numpy(ctx)).sample.numpy()
-    with jax.default_matmul_precision("highest"):
-        out = _ours(cfg, params)(jnp.asarray(np.concatenate([lat, extra], 1).transpose(0, 2, 3, 1)), 500, jnp.asarray(ctx))
-    assert np.abs(np.asarray(out).transpose(0, 3, 1, 2) - ref).max() / np.abs(ref).max() < 1e-5
+        ref = sd_unet(torch.from_numpy(lat), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+    out = _apply(_ours(cfg, params), np.concatenate([lat, extra], 1), t, ctx)
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
 
 
 def test_corrupted_checkpoints_name_the_key(diffusers_unet_dir):

@@ -14,7 +14,6 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     from imagpose_jax.sharding import batch_sharding, make_mesh, state_shardings
     from imagpose_jax.train import config as tc
-    from imagpose_jax.train.step import TrainStep
     from train_fixtures import build, tiny_batch, tiny_config
 
     assert jax.device_count() == 8
@@ -26,8 +25,7 @@ SCRIPT = textwrap.dedent("""
     mesh1 = make_mesh(devices=jax.devices()[:1])
     shardings1 = state_shardings(state8, mesh1)
     state1 = jax.device_put(jax.tree.map(lambda x: x.copy(), state8), shardings1)
-    step1 = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings1,
-                      batch_sharding=batch_sharding(mesh1))
+    step1 = tc.train_step(c, graphdef, shardings1, mesh1)
     results = []
     for step, state in ((step1, state1), (step8, state8)):
         state, metrics = step(state, batch)

@@ -17,13 +17,17 @@ def images():
 
 
 def test_narrow_posterior_crops_and_scaling(images):
-    vae, cfg, summary = train_vae(images, demo_config().vae.to_dict(), steps=3, batch_size=4, crop=32, initial_logvar=-6.0)
-    assert summary["steps"] == 3
+    """Trained as the demo trains it (its crop and learning rate; batch 4, as tests/test_demo.py's toy run): the
+    same compiled programs, for both runs here and the demo's test."""
+    d = demo_config().demo
+    run = dict(batch_size=4, crop=d.vae_crop, learning_rate=d.vae_lr)
+    vae, cfg, summary = train_vae(images, demo_config().vae.to_dict(), steps=3, initial_logvar=-6.0, **run)
+    assert d.vae_crop == 32 and summary["steps"] == 3
     assert summary["posterior_noise_std"] < 0.1            # exp(-6 / 2) = 0.05 at the start
     assert cfg["scaling_factor"] == pytest.approx(1 / summary["latent_std"])
     assert vae.cfg.scaling_factor == cfg["scaling_factor"]
     assert reconstruct(vae, images).shape == images.shape  # trained on 32x32 crops, runs on 64x64 views
-    _, _, wide = train_vae(images, demo_config().vae.to_dict(), steps=1, batch_size=2, initial_logvar=0.0)
+    _, _, wide = train_vae(images, demo_config().vae.to_dict(), steps=1, initial_logvar=0.0, **run)
     assert wide["posterior_noise_std"] > 0.5
 
 

@@ -11,11 +11,11 @@ from flax import nnx
 from imagpose_jax.models.init import abstract
 from imagpose_jax.models.unet import UNet
 from imagpose_jax.models.unet_config import UNetConfig
+from imagpose_jax.testing import TINY_UNET
 
-# Two levels, one layer each, CVA at both: every kind of wrapped module (resnet, spatial transformer, CVA), quick to compile.
-SMALL_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), num_attention_heads=(2, 2),
-                  only_cross_attention=(False, False), cross_attention_dim=48, use_cva=True, cva_resolutions=(1, 2))
+# The tiny models' UNet with CVA (two levels, one layer each, CVA at both): every kind of wrapped module (resnet,
+# spatial transformer, CVA), quick to compile.
+SMALL_UNET = dict(TINY_UNET, use_cva=True)
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}  # 13 s, not 40 s
 
@@ -53,13 +53,14 @@ def residual_bytes(cfg: UNetConfig, hw: int) -> int:
 
 
 def test_block_remat_keeps_fewer_activations():
-    """The tiny model (convert_weights.random_weights.tiny_config) on a 32x32 grid: 131 MiB without remat, 33 MiB
-    per block keeping the weight matmuls' outputs, 4.4 MiB per block keeping nothing but its inputs. (CPU XLA
-    schedules the recomputations early, so its temp bytes barely move; compiled for a TPU they fall, see README.)"""
-    cfg = UNetConfig(block_out_channels=(32, 32, 64, 64), cross_attention_dim=48, use_cva=True)
+    """The small two-level UNet on a 32x32 grid: 67.5 MiB without remat, 21.1 MiB per block keeping the weight
+    matmuls' outputs, 3.4 MiB per block keeping nothing but its inputs (SD's four levels, 32/32/64/64 channels: 131,
+    33 and 4.4 MiB; three times the tracing). CPU XLA schedules the recomputations early, so its temp bytes barely
+    move; compiled for a TPU they fall (see README)."""
+    cfg = UNetConfig(**SMALL_UNET)
     none, dots, block = (residual_bytes(cfg.replace(remat=r, remat_policy=p), 32) for r, p in (
         ("none", None), ("block", "dots_with_no_batch_dims_saveable"), ("block", None)))
-    assert block * 20 < none and block < dots < none / 2
+    assert block * 15 < none and block * 4 < dots < none / 3
 
 
 def test_config():

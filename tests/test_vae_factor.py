@@ -42,8 +42,9 @@ def test_pose_guider_factor_mismatch_is_an_error():
 
 def test_train_step_at_factor_4_overfits_one_batch():
     """Latents, flag and pose features line up at 2H/4 (a mismatch would raise), and the step learns: the loss
-    on one fixed batch falls."""
-    c = factor4_config()
+    on one fixed batch falls. Stage 1 (the UNet and the pose guider train; no CVA): of the stages' steps the
+    quickest to compile (54 s here against stage 3's 70), and the loss falls as far (last 5 / first 5: 0.52)."""
+    c = factor4_config(1)
     c.optim.learning_rate = 1e-3
     _, state, _, step = build(c)
     batch = tiny_batch()

@@ -12,9 +12,8 @@ from imagpose_jax.data.pipeline import make_train_iterator
 from imagpose_jax.data.synthetic import make_synthetic_dataset
 from imagpose_jax.train import config as tc
 from imagpose_jax.data.batch import Batch, as_batch
-from imagpose_jax.train.step import TrainStep
 from imagpose_jax.train.state import init_train_state
-from imagpose_jax.sharding import batch_sharding, make_mesh
+from imagpose_jax.sharding import make_mesh
 from imagpose_jax.testing import drawn_train_state
 
 def diffusers_alphas_cumprod() -> np.ndarray:
@@ -59,6 +58,5 @@ def build(c, mesh=None, *, drawn: bool = True):
         graphdef, state, shardings = drawn_train_state(c, mesh)
     else:
         graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
-    step = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
-                     batch_sharding=batch_sharding(mesh))
+    step = tc.train_step(c, graphdef, shardings, mesh)
     return graphdef, state, shardings, step

@@ -101,12 +101,10 @@ def compile_train_step(c, devices, chip: Chip, *, on_compiled=None) -> dict:
     from imagpose_jax.sharding import batch_sharding, make_mesh
     from imagpose_jax.train import config as tc
     from imagpose_jax.train.state import abstract_train_state
-    from imagpose_jax.train.step import TrainStep
 
     mesh = make_mesh(**c.mesh.to_dict(), devices=devices)
     graphdef, state, shardings = abstract_train_state(tc.state_builder(c), mesh)
-    step = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
-                     batch_sharding=batch_sharding(mesh))
+    step = tc.train_step(c, graphdef, shardings, mesh)
     d = c.data
     if d.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"data.batch_size {d.batch_size} does not split over the mesh's data x fsdp = "

@@ -12,9 +12,10 @@ from imagpose_jax.models.init import ParamKeys
 from imagpose_jax.models.unet_config import UNetConfig
 from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
 from imagpose_jax.schedulers.common import alphas_cumprod
+from imagpose_jax.sharding import batch_sharding
 from imagpose_jax.train.stages import check_model_config, trainable_filter
 from imagpose_jax.train.state import TrainState, make_tx
-from imagpose_jax.train.step import StepConfig
+from imagpose_jax.train.step import StepConfig, TrainStep
 
 
 def model_config(c: ml_collections.ConfigDict) -> IMAGPoseConfig:
@@ -32,7 +33,15 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
 
 
 def optimizer(c: ml_collections.ConfigDict):
-    return make_tx(**c.optim.to_dict(), total_steps=c.steps)
+    """The optimizer of `c.optim`; its peak learning rate is the train step's input (`train_step`)."""
+    return make_tx(**{k: v for k, v in c.optim.items() if k != "learning_rate"}, total_steps=c.steps)
+
+
+def train_step(c: ml_collections.ConfigDict, graphdef, shardings=None, mesh=None) -> TrainStep:
+    """The config's `TrainStep` for the state's graphdef, compiled for `shardings` and a batch split over `mesh`
+    (both None: wherever its inputs are), at learning rate `optim.learning_rate`."""
+    placed = {} if shardings is None else dict(shardings=shardings, batch_sharding=batch_sharding(mesh))
+    return TrainStep(graphdef, step_config(c), training_schedule(c), learning_rate=c.optim.learning_rate, **placed)
 
 
 def model_constructors(c: ml_collections.ConfigDict) -> tuple[Callable, Callable, Callable]:

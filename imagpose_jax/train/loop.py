@@ -31,12 +31,11 @@ from flax import nnx
 from imagpose_jax.checkpoint.folder import PipelineFolder, atomic_folder
 from imagpose_jax.checkpoint.train_state import TrainCheckpointer
 from imagpose_jax.models.init import jit_state
-from imagpose_jax.sharding import batch_sharding, host_batch_to_global, make_mesh
+from imagpose_jax.sharding import host_batch_to_global, make_mesh
 from imagpose_jax.train import config as tc
 from imagpose_jax.train.inputs import sample_examples, train_iterator
 from imagpose_jax.train.pretrained import load_pretrained
 from imagpose_jax.train.state import abstract_train_state
-from imagpose_jax.train.step import TrainStep
 
 
 class MetricWriter:
@@ -161,8 +160,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                              async_save=c.train.async_checkpoint)
     start, graphdef, state, shardings = build_state(c, mesh, ckpt, iterator)
     init_s = time.perf_counter() - t0
-    step_fn = TrainStep(graphdef, tc.step_config(c), tc.training_schedule(c), shardings=shardings,
-                        batch_sharding=batch_sharding(mesh))
+    step_fn = tc.train_step(c, graphdef, shardings, mesh)
     writer = MetricWriter(workdir)
     samples = SampleWriter(c, graphdef, sample_examples(c, workdir) if c.train.sample_every else [], workdir, writer)
     bar = _progress(progress, start, c.steps)

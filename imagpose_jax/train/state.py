@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -23,23 +24,51 @@ class EmaParam(nnx.Variable):
     """An exponential moving average of a trainable parameter (not an `nnx.Param`: never trained itself)."""
 
 
-def make_tx(learning_rate: float, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.01,
-            eps: float = 1e-8, clip_norm: float = 1.0, schedule: str = "constant", warmup_steps: int = 0,
-            total_steps: int = 0) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW, skipped on a non-finite gradient (`optax.apply_if_finite`). schedule "constant" (the original's, spec section 6) or "cosine" (decay
-    to 0.1 x `learning_rate` at `total_steps`, for short runs); either after a linear warm-up of `warmup_steps`."""
+def lr_shape(schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0) -> optax.Schedule | None:
+    """The learning rate's course over the steps with peak 1 (the step multiplies it by `optim.learning_rate`):
+    schedule "constant" (the original's, spec section 6; None: 1 throughout) or "cosine" (decay to 0.1 at
+    `total_steps`, for short runs); either after a linear warm-up of `warmup_steps`."""
     if schedule == "constant":
-        lr = learning_rate
-        if warmup_steps:
-            lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
-                                       optax.constant_schedule(learning_rate)], [warmup_steps])
-    elif schedule == "cosine":
+        if not warmup_steps:
+            return None
+        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup_steps), optax.constant_schedule(1.0)],
+                                    [warmup_steps])
+    if schedule == "cosine":
         if total_steps <= warmup_steps:
             raise ValueError(f"cosine schedule: total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
-        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, 0.1 * learning_rate)
+        return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps, total_steps, 0.1)
+    raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+
+def scale_by_learning_rate(shape: optax.Schedule | None) -> optax.GradientTransformationExtraArgs:
+    """optax's `scale_by_learning_rate` with the peak learning rate an argument of `update` (`learning_rate=`, a
+    float32 scalar) instead of a constant: it is an input of the compiled train step, so that a run with another
+    learning rate, or resumed with one, runs the same program. `shape` (`lr_shape`) scales it per step; the state is
+    optax's own (empty for a constant rate, else the step count)."""
+    if shape is None:
+        def init(params):
+            return optax.EmptyState()
+
+        def update(updates, state, params=None, *, learning_rate, **extra):
+            return jax.tree.map(lambda g: (-learning_rate * g).astype(g.dtype), updates), state
     else:
-        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+        def init(params):
+            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+        def update(updates, state, params=None, *, learning_rate, **extra):
+            step_size = -learning_rate * shape(state.count)
+            return (jax.tree.map(lambda g: (step_size * g).astype(g.dtype), updates),
+                    optax.ScaleByScheduleState(count=optax.safe_increment(state.count)))
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_tx(b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.01, eps: float = 1e-8, clip_norm: float = 1.0,
+            schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (optax's `adamw`, its learning rate `update`'s `learning_rate=` argument times
+    `lr_shape`), skipped on a non-finite gradient (`optax.apply_if_finite`)."""
+    adamw = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay),
+                        scale_by_learning_rate(lr_shape(schedule, warmup_steps, total_steps)))
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
     # A non-finite gradient skips the whole update (zero updates, moments and step count kept): the parameters never
     # become non-finite. The loop stops the run after `train.max_nonfinite` such steps in a row.
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)

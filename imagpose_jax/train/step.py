@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from imagpose_jax.data.batch import Batch, as_batch
 from imagpose_jax.models.encode import encode
@@ -115,36 +115,41 @@ def loss_and_grads(model: nnx.Module, trainable: nnx.filterlib.Filter, inputs: L
 
 
 class TrainStep:
-    """`TrainStep(graphdef, cfg, alphas_cumprod)(state, batch) -> (state, metrics)`; `state` is donated.
+    """`TrainStep(graphdef, cfg, alphas_cumprod, learning_rate=...)(state, batch) -> (state, metrics)`; `state` is
+    donated. (`train.config.train_step` builds it from a config.)
 
-    `alphas_cumprod` (T,): the training DDPM schedule. With `shardings` (from `init_train_state`) and
-    `batch_sharding` the program is compiled for that layout. `traces` counts compilations.
+    `alphas_cumprod` (T,): the training DDPM schedule. `learning_rate`: the optimizer's peak rate, an input of the
+    program (not a constant in it: another rate reuses the compiled step). With `shardings` (from
+    `init_train_state`) and `batch_sharding` the program is compiled for that layout. `traces` counts compilations.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, cfg: StepConfig, alphas_cumprod, *,
+    def __init__(self, graphdef: nnx.GraphDef, cfg: StepConfig, alphas_cumprod, *, learning_rate: float,
                  shardings: nnx.State | None = None, batch_sharding: NamedSharding | None = None):
         self.graphdef, self.cfg = graphdef, cfg
         self.alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
+        self.learning_rate = np.float32(learning_rate)
         self.traces = 0
         kw = {}
         if shardings is not None:
-            kw = dict(in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+            scalar = NamedSharding(batch_sharding.mesh, PartitionSpec())
+            kw = dict(in_shardings=(shardings, batch_sharding, scalar), out_shardings=(shardings, None))
         self._jit = jax.jit(self._step, donate_argnums=0, **kw)
 
     def __call__(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
-        return self._jit(state, as_batch(batch))
+        return self._jit(state, as_batch(batch), self.learning_rate)
 
     def lower(self, state: nnx.State, batch: Batch) -> jax.stages.Lowered:
         """The step lowered for `state` and `batch` as arrays or `jax.ShapeDtypeStruct`s (`state.abstract_train_state`,
-        `data.batch.batch_spec`): `.compile()` gives the program `__call__` runs, on devices this host may not have."""
-        return self._jit.lower(state, as_batch(batch))
+        `data.batch.batch_spec`): `.compile()` gives the program `__call__` runs, on devices this host may not have
+        (called with the state, the batch and `learning_rate`)."""
+        return self._jit.lower(state, as_batch(batch), self.learning_rate)
 
-    def _step(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
+    def _step(self, state: nnx.State, batch: Batch, learning_rate: jax.Array) -> tuple[nnx.State, dict]:
         self.traces += 1
         with jax.default_matmul_precision(self.cfg.matmul_precision):
-            return self._step_body(state, batch)
+            return self._step_body(state, batch, learning_rate)
 
-    def _step_body(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
+    def _step_body(self, state: nnx.State, batch: Batch, learning_rate: jax.Array) -> tuple[nnx.State, dict]:
         cfg, dtype = self.cfg, DTYPES[self.cfg.compute_dtype]
         ts = nnx.merge(self.graphdef, state)
         rng, k_post, k_noise, k_t, k_drop = jax.random.split(ts.rng.get_value(), 5)
@@ -156,7 +161,7 @@ class TrainStep:
                             latents, sample_noise(k_noise, latents.shape, cfg.noise_offset),
                             sample_timesteps(k_t, b, len(self.alphas_cumprod)), keep_image, keep_patch)
         loss, _, grads = loss_and_grads(ts.model, ts.trainable, inputs, self.alphas_cumprod, cfg)
-        ts.optimizer.update(ts.model, grads)
+        ts.optimizer.update(ts.model, grads, learning_rate=learning_rate)
         if ts.ema is not None:
             new = nnx.to_flat_state(nnx.state(ts.model, ts.trainable))
             for (_, e), (_, p) in zip(nnx.to_flat_state(ts.ema), new, strict=True):
