@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     print(f"state built in {init_s:.1f}s ({n_params / 1e9:.3f} B numbers incl. optimizer state), "
           f"RSS {rss_gib():.1f} GiB", flush=True)
     scfg = tc.step_config(c)
-    step = tc.train_step(c, graphdef, shardings, mesh)
+    step = tc.train_step(c, graphdef, shardings)
     batch = jax.device_put(random_batch(b, hgt, wid), batch_sharding(mesh))
 
     flops = None

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     mesh1 = make_mesh(devices=jax.devices()[:1])
     shardings1 = state_shardings(state8, mesh1)
     state1 = jax.device_put(jax.tree.map(lambda x: x.copy(), state8), shardings1)
-    step1 = tc.train_step(c, graphdef, shardings1, mesh1)
+    step1 = tc.train_step(c, graphdef, shardings1)
     results = []
     for step, state in ((step1, state1), (step8, state8)):
         state, metrics = step(state, batch)

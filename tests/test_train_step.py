@@ -86,14 +86,13 @@ def test_ema_tracks_params(run):
 def test_learning_rate_is_an_input_of_the_program(run):
     """Another `optim.learning_rate` lowers to the same program: a run resumed or repeated at another rate reuses the
     compiled step (`test_train_optim.py`: the update's size is the rate given)."""
-    from imagpose_jax.sharding import make_mesh
     from imagpose_jax.train import config as tc
     *_, step, ts = run
     graphdef, state = nnx.split(ts)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     c = tiny_config(2)
     c.ema, c.optim.learning_rate = True, 1e6
-    other = tc.train_step(c, graphdef, shardings, make_mesh(devices=jax.devices()[:1]))
+    other = tc.train_step(c, graphdef, shardings)
     assert other.learning_rate == np.float32(1e6) and step.learning_rate == np.float32(1e-3)
     batch = tiny_batch()
     assert other.lower(state, batch).as_text() == step.lower(state, batch).as_text()

@@ -58,5 +58,5 @@ def build(c, mesh=None, *, drawn: bool = True):
         graphdef, state, shardings = drawn_train_state(c, mesh)
     else:
         graphdef, state, shardings = init_train_state(tc.state_builder(c), mesh)
-    step = tc.train_step(c, graphdef, shardings, mesh)
+    step = tc.train_step(c, graphdef, shardings)
     return graphdef, state, shardings, step

@@ -104,7 +104,7 @@ def compile_train_step(c, devices, chip: Chip, *, on_compiled=None) -> dict:
 
     mesh = make_mesh(**c.mesh.to_dict(), devices=devices)
     graphdef, state, shardings = abstract_train_state(tc.state_builder(c), mesh)
-    step = tc.train_step(c, graphdef, shardings, mesh)
+    step = tc.train_step(c, graphdef, shardings)
     d = c.data
     if d.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"data.batch_size {d.batch_size} does not split over the mesh's data x fsdp = "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import jax
 import ml_collections
 
 from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
@@ -37,10 +38,12 @@ def optimizer(c: ml_collections.ConfigDict):
     return make_tx(**{k: v for k, v in c.optim.items() if k != "learning_rate"}, total_steps=c.steps)
 
 
-def train_step(c: ml_collections.ConfigDict, graphdef, shardings=None, mesh=None) -> TrainStep:
-    """The config's `TrainStep` for the state's graphdef, compiled for `shardings` and a batch split over `mesh`
-    (both None: wherever its inputs are), at learning rate `optim.learning_rate`."""
-    placed = {} if shardings is None else dict(shardings=shardings, batch_sharding=batch_sharding(mesh))
+def train_step(c: ml_collections.ConfigDict, graphdef, shardings=None) -> TrainStep:
+    """The config's `TrainStep` for the state's graphdef, compiled for the state's `shardings` and the batch split over
+    their mesh (None: wherever its inputs are), at learning rate `optim.learning_rate`."""
+    placed = {}
+    if shardings is not None:
+        placed = dict(shardings=shardings, batch_sharding=batch_sharding(jax.tree.leaves(shardings)[0].mesh))
     return TrainStep(graphdef, step_config(c), training_schedule(c), learning_rate=c.optim.learning_rate, **placed)
 
 
