@@ -1,10 +1,10 @@
 """Data-parallel sampling over several local devices (4 fake CPU devices, in a subprocess) equals one device."""
-import os
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+from cpu_env import cpu_env
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -24,8 +24,7 @@ SCRIPT = textwrap.dedent('''
 
 def _run(tmp_path, devices: int) -> np.ndarray:
     out = tmp_path / f"out{devices}.npy"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, check=True)
+    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=cpu_env(devices), check=True)
     return np.load(out)
 
 

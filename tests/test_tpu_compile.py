@@ -20,6 +20,7 @@ from imagpose_jax.models.init import abstract
 from imagpose_jax.models.unet import UNet
 from imagpose_jax.models.unet_config import UNetConfig
 from test_unet_remat import SMALL_UNET
+from cpu_env import cpu_env
 
 if sys.platform != "linux":
     pytest.skip("libtpu (the test extra's jax[tpu]) is built for Linux only", allow_module_level=True)
@@ -99,7 +100,6 @@ SHARDED_VALUES = textwrap.dedent("""
 
 def test_sharded_splash_values_on_four_cpu_devices():
     """The shard_map path runs (Pallas interpret mode) and equals the reference: batch 2 splits over 'data'."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", SHARDED_VALUES], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", SHARDED_VALUES], env=cpu_env(4), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -25,6 +25,7 @@ import pytest
 
 from imagpose_jax.sharding import distributed as dist
 from imagpose_jax.sharding import host_batch_to_global, make_mesh
+from cpu_env import cpu_env
 
 WORKER = textwrap.dedent("""
     import json, sys, time
@@ -79,14 +80,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
-                                                                    "JAX_PROCESS_ID", "SLURM_", "OMPI_", "TPU_",
-                                                                    "MEGASCALE_"))}
-    # LLVM optimisation off: halves the CPU compile time; all three processes compile alike.
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
-               JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]), **extra)
-    return env
+    env = {k: v for k, v in cpu_env(devices).items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                                                                           "JAX_PROCESS_ID", "SLURM_", "OMPI_", "TPU_",
+                                                                           "MEGASCALE_"))}
+    return {**env, **extra}
 
 
 def _result(out: str) -> dict:

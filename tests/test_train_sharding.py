@@ -2,10 +2,10 @@
 partition rules, batch over ('data', 'fsdp')) equals the single-device step: same loss and parameters."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
+from cpu_env import cpu_env
 
 
 
@@ -78,9 +78,6 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
-               JAX_DEFAULT_MATMUL_PRECISION="highest",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=cpu_env(8), capture_output=True, text=True, timeout=1800)
     print(out.stdout)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -120,7 +120,10 @@ class TrainStep:
 
     `alphas_cumprod` (T,): the training DDPM schedule. `learning_rate`: the optimizer's peak rate, an input of the
     program (not a constant in it: another rate reuses the compiled step). With `shardings` (from
-    `init_train_state`) and `batch_sharding` the program is compiled for that layout. `traces` counts compilations.
+    `init_train_state`) and `batch_sharding` the program is compiled for that layout. Train steps equal in graphdef,
+    `cfg`, schedule and layout share one program in this process (`_program`): a second run in the same process (a
+    learning-rate sweep, a resumed run, a notebook) neither traces nor compiles again. `traces` counts that program's
+    tracings.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, cfg: StepConfig, alphas_cumprod, *, learning_rate: float,
@@ -128,21 +131,52 @@ class TrainStep:
         self.graphdef, self.cfg = graphdef, cfg
         self.alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
         self.learning_rate = np.float32(learning_rate)
-        self.traces = 0
-        kw = {}
-        if shardings is not None:
-            scalar = NamedSharding(batch_sharding.mesh, PartitionSpec())
-            kw = dict(in_shardings=(shardings, batch_sharding, scalar), out_shardings=(shardings, None))
-        self._jit = jax.jit(self._step, donate_argnums=0, **kw)
+        self._program = _program(graphdef, cfg, self.alphas_cumprod, shardings, batch_sharding)
+
+    @property
+    def traces(self) -> int:
+        return self._program.traces
 
     def __call__(self, state: nnx.State, batch: Batch) -> tuple[nnx.State, dict]:
-        return self._jit(state, as_batch(batch), self.learning_rate)
+        return self._program.jit(state, as_batch(batch), self.learning_rate)
 
     def lower(self, state: nnx.State, batch: Batch) -> jax.stages.Lowered:
         """The step lowered for `state` and `batch` as arrays or `jax.ShapeDtypeStruct`s (`state.abstract_train_state`,
         `data.batch.batch_spec`): `.compile()` gives the program `__call__` runs, on devices this host may not have
         (called with the state, the batch and `learning_rate`)."""
-        return self._jit.lower(state, as_batch(batch), self.learning_rate)
+        return self._program.jit.lower(state, as_batch(batch), self.learning_rate)
+
+
+# The process's train-step programs, newest first, by (graphdef, step config, schedule, layout). GraphDefs of equal
+# configs are equal (`state.make_tx` gives equal arguments the same optimizer), and nnx.GraphDef is not hashable:
+# a short list searched with ==.
+_PROGRAMS: list[tuple[tuple, "_Program"]] = []
+_KEEP = 4
+
+
+def _program(graphdef, cfg, alphas_cumprod, shardings, batch_sharding) -> "_Program":
+    key = (graphdef, cfg, alphas_cumprod.tobytes(), jax.tree.flatten(shardings), batch_sharding)
+    for i, (k, program) in enumerate(_PROGRAMS):
+        if k == key:
+            _PROGRAMS.insert(0, _PROGRAMS.pop(i))
+            return program
+    program = _Program(graphdef, cfg, alphas_cumprod, shardings, batch_sharding)
+    _PROGRAMS.insert(0, (key, program))
+    del _PROGRAMS[_KEEP:]
+    return program
+
+
+class _Program:
+    """The jitted step (its state argument donated) for one graphdef, config, schedule and layout."""
+
+    def __init__(self, graphdef, cfg, alphas_cumprod, shardings, batch_sharding):
+        self.graphdef, self.cfg, self.alphas_cumprod = graphdef, cfg, alphas_cumprod
+        self.traces = 0
+        kw = {}
+        if shardings is not None:
+            scalar = NamedSharding(batch_sharding.mesh, PartitionSpec())
+            kw = dict(in_shardings=(shardings, batch_sharding, scalar), out_shardings=(shardings, None))
+        self.jit = jax.jit(self._step, donate_argnums=0, **kw)
 
     def _step(self, state: nnx.State, batch: Batch, learning_rate: jax.Array) -> tuple[nnx.State, dict]:
         self.traces += 1
