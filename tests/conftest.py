@@ -35,12 +35,12 @@ def tiny_weights(tmp_path_factory):
 
 
 # The heaviest test files first, in the order of their measured time (`--durations`, 2-core machine, 2026-12-02:
-# test_train_loop 415 s, test_golden 283 s, test_train_sharding 216 s ... test_metrics 37 s), so that the two
+# test_train_loop 266 s, test_golden 214 s, test_train_sharding 187 s ... test_metrics 20 s), so that the two
 # pytest-xdist workers (`--dist loadfile --no-loadscope-reorder`, pytest.ini) finish together: longest-first
 # scheduling. The other files follow in their usual order.
-HEAVY_FIRST = ("test_train_loop.py", "test_golden.py", "test_train_sharding.py", "test_aot.py", "test_vae_factor.py",
-               "test_convert_unet.py", "test_demo.py", "test_sampler.py", "test_train_vae.py", "test_sampler_devices.py",
-               "test_train_step.py", "test_attention.py", "test_metrics.py")
+HEAVY_FIRST = ("test_train_loop.py", "test_golden.py", "test_train_sharding.py", "test_aot.py", "test_demo.py",
+               "test_vae_factor.py", "test_convert_unet.py", "test_sampler_devices.py", "test_train_step.py",
+               "test_sampler.py", "test_train_vae.py", "test_evaluate_cli.py", "test_metrics.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,14 +1,17 @@
-"""Data-parallel sampling over several local devices (4 fake CPU devices, in a subprocess) equals one device."""
+"""Data-parallel sampling over several local devices (4 fake CPU devices, in a subprocess) equals one device (this
+process's)."""
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 from cpu_env import cpu_env
 
-SCRIPT = textwrap.dedent('''
-    import sys
-    import numpy as np, jax
+SCRIPT = "import sys, numpy as np; from test_sampler_devices import sample; np.save(sys.argv[1], sample())"
+
+
+def sample() -> np.ndarray:
+    """The tiny sampler's output on 3 grids over this process's local devices."""
+    import jax
     from imagpose_jax.sampling.sampler import Sampler, SamplerConfig
     from imagpose_jax.testing import random_batch, tiny_models
     model, vae, dino = tiny_models(0)
@@ -18,15 +21,12 @@ SCRIPT = textwrap.dedent('''
     noise = rng.standard_normal((n, 16, 16, 4)).astype(np.float32)
     s = Sampler(model, vae, dino, SamplerConfig(num_inference_steps=1))
     assert (s.mesh is not None) == (jax.local_device_count() > 1)
-    np.save(sys.argv[1], s(b, noise=noise))
-''')
-
-
-def _run(tmp_path, devices: int) -> np.ndarray:
-    out = tmp_path / f"out{devices}.npy"
-    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=cpu_env(devices), check=True)
-    return np.load(out)
+    return s(b, noise=noise)
 
 
 def test_four_devices_equal_one(tmp_path):
-    np.testing.assert_allclose(_run(tmp_path, 4), _run(tmp_path, 1), atol=1e-5)
+    import jax
+    assert jax.local_device_count() == 1
+    out = tmp_path / "out4.npy"
+    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=cpu_env(4), check=True)
+    np.testing.assert_allclose(np.load(out), sample(), atol=1e-5)

@@ -2,7 +2,9 @@
 asynchronous checkpoint save possibly in flight) or stopped by SIGTERM, then resumed, gives exactly the losses and
 the final parameters of an uninterrupted run; a run whose loss goes non-finite stops without saving non-finite
 weights. The runs other than the killed one go through `imagpose train`'s own `main` (or the loop's `train` with an
-`on_step` hook) in this process; all share the session's persistent compilation cache."""
+`on_step` hook) in this process, sharing its compiled train step; the SIGTERM and non-finite runs start from a copy
+of the uninterrupted run's step-3 checkpoint (no initialisation); all share the session's persistent compilation
+cache."""
 from __future__ import annotations
 
 import json
@@ -61,6 +63,12 @@ def losses(workdir: str) -> dict[int, float]:
     return out
 
 
+def start_from_checkpoint(straight: str, workdir: str, step: int) -> None:
+    """`workdir` holding only the uninterrupted run's checkpoint of `step`: a run there resumes from it."""
+    import shutil
+    shutil.copytree(os.path.join(straight, "checkpoints", str(step)), os.path.join(workdir, "checkpoints", str(step)))
+
+
 def exported(workdir: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     return {f"{sub}/{k}": v for sub in ("denoiser", "denoiser_ema")
@@ -109,14 +117,17 @@ def test_kill_and_resume_is_bit_exact(tmp_path, env, straight, capsys):
 
 
 def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, straight, capsys, monkeypatch):
-    """SIGTERM after step 5 (checkpoints every 3): the loop finishes that step, saves step 5 and stops with one line
-    (`imagpose train` exits 128 + 15 with it); the rerun's first step is 6, it restores the checkpoint straight into
-    the abstract state (no random initialisation), and its losses and final parameters are those of the
-    uninterrupted run."""
+    """From the uninterrupted run's step-3 checkpoint, SIGTERM after step 5 (checkpoints every 3): the loop finishes
+    that step, saves step 5 and stops with one line (`imagpose train` exits 128 + 15 with it); the rerun's first step
+    is 6; both runs restore straight into the abstract state (no random initialisation), and the losses and final
+    parameters are those of the uninterrupted run."""
     import signal
+    from imagpose_jax.train import loop
     from imagpose_jax.train.config import load_config
     from imagpose_jax.train.loop import Interrupted, train
     straight, stopped = straight[0], str(tmp_path / "stopped")
+    start_from_checkpoint(straight, stopped, EVERY)
+    monkeypatch.setattr(loop, "jit_state", lambda *a: pytest.fail("a resumed run initialised the state"))
 
     def term(step):
         if step == TERM_AT:
@@ -127,23 +138,24 @@ def test_sigterm_checkpoints_the_step_reached_and_resumes_from_it(tmp_path, stra
     assert info.value.signum == signal.SIGTERM and f"stopped by SIGTERM after step {TERM_AT}" in str(info.value)
     assert signal.getsignal(signal.SIGTERM) == before   # the loop's handler is gone again
     assert not os.path.isdir(os.path.join(stopped, "export"))
-    from imagpose_jax.train import loop
-    monkeypatch.setattr(loop, "jit_state", lambda *a: pytest.fail("the resumed run initialised the state"))
     rc, summary, err = run_main(stopped, capsys)
     assert rc == 0, err[-3000:]
     assert summary["start_step"] == TERM_AT
     la, lc = losses(straight), losses(stopped)
-    assert [la[s] for s in sorted(la)] == [lc[s] for s in sorted(lc)]
+    assert sorted(lc) == list(range(EVERY + 1, STEPS + 1))
+    assert [la[s] for s in sorted(lc)] == [lc[s] for s in sorted(lc)]
     pa, pc = exported(straight), exported(stopped)
     for k in pa:
         np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
 
 
-def test_nonfinite_loss_stops_without_saving_nonfinite_weights(tmp_path, capsys):
-    """learning rate 1e6: the loss goes non-finite; those updates are skipped, the run stops after max_nonfinite in a
-    row with one line naming the step and the last good checkpoint, exit 1, no export; every checkpoint is finite and
-    metrics.jsonl is strict JSON. (Before: NaN checkpoints rotated out the good ones, a NaN export, exit 0.)"""
+def test_nonfinite_loss_stops_without_saving_nonfinite_weights(tmp_path, straight, capsys):
+    """Resumed from the uninterrupted run's step-3 checkpoint at learning rate 1e6: the loss goes non-finite; those
+    updates are skipped, the run stops after max_nonfinite in a row with one line naming the step and the last good
+    checkpoint, exit 1, no export; every checkpoint is finite and metrics.jsonl is strict JSON. (Before: NaN
+    checkpoints rotated out the good ones, a NaN export, exit 0.)"""
     work = str(tmp_path / "nan")
+    start_from_checkpoint(straight[0], work, EVERY)
     rc, _, err = run_main(work, capsys, "optim.learning_rate=1e6", "steps=40", "train.checkpoint_every=2")
     assert rc == 1, err[-3000:]
     last = err.strip().splitlines()[-1]

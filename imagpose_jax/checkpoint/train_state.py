@@ -25,6 +25,7 @@ import glob
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import grain
@@ -148,11 +149,24 @@ class TrainCheckpointer:
             raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed ({first_line(err)}); "
                                   f"the newest complete checkpoint is step {steps[-1] if steps else None}") from None
 
-    def _remove_tmp(self) -> None:
-        """Removes orbax's temporary folders (`<step>.orbax-checkpoint-tmp*`) of a failed save."""
-        if jax.process_index() == 0:
-            for tmp in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
+    def _remove_tmp(self, settle_s: float = 0.0) -> None:
+        """Removes orbax's temporary folders (`<step>.orbax-checkpoint-tmp*`) of a failed save; with `settle_s`, again
+        until none has reappeared for that long (for at most 10 s): writes of the failed save still in flight in
+        tensorstore's own threads, which outlive `manager.close()`, may create one anew (seen on a loaded machine)."""
+        if jax.process_index() != 0:
+            return
+        pattern = os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")
+        deadline, quiet_since = time.monotonic() + 10.0, time.monotonic()
+        while True:
+            found = glob.glob(pattern)
+            for tmp in found:
                 shutil.rmtree(tmp, ignore_errors=True)
+            now = time.monotonic()
+            if found:
+                quiet_since = now
+            if now - quiet_since >= settle_s or now > deadline:
+                return
+            time.sleep(0.05)
 
     def save(self, step: int, state: nnx.State, iterator: grain.DatasetIterator | None = None, *,
              force: bool = False) -> bool:
@@ -246,7 +260,7 @@ class TrainCheckpointer:
             if self._failed:
                 with contextlib.suppress(Exception):
                     self.manager.close()
-                self._remove_tmp()  # again: a thread of the failed save may have outlived the first removal
+                self._remove_tmp(settle_s=1.0)  # again: a thread of the failed save may outlive the first removal
             else:
                 self.manager.close()
 
