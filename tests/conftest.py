@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # XLA:CPU without LLVM's optimisations (the tests' subprocesses inherit it): the suite is compile-bound (most programs
 # run a few times), LLVM's passes are much of XLA:CPU's compile time, and floating-point semantics are the same at
 # every level (no fast-math at any). 2-core machine, 2026-12-02: test_golden.py 254 -> 207 s, test_demo.py with
-# test_sampler.py and test_metrics.py 228 -> 182 s. A level in XLA_FLAGS already wins; benchmarks/ keep XLA's default.
+# test_sampler.py and test_metrics.py 228 -> 182 s. Prepended to XLA_FLAGS as given; benchmarks/ keep XLA's default.
 os.environ["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 {os.environ.get('XLA_FLAGS', '')}".strip()
 
 # One persistent compilation cache for the session, inherited by the tests' subprocesses (the CLI and

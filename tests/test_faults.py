@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cpu_env import cpu_env
+
 from imagpose_jax.preprocess import BACKDROP, as_rgb_image, load_image, to_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,9 +108,8 @@ def test_conversion_killed_half_way_keeps_old_folder(converted, tmp_path):
     from imagpose_jax.sampling.pipeline import load_pipeline_models
     src, _, digest = converted
     out = _old_folder(converted, tmp_path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "convert_weights", *_pipeline_argv(src, out, "--overwrite")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     written = f"{out}.tmp-{proc.pid}/denoiser/params.safetensors"
     deadline = time.monotonic() + 120
     while not os.path.isfile(written) and proc.poll() is None and time.monotonic() < deadline:
@@ -245,9 +246,7 @@ def test_failed_save_stops_with_one_error_and_no_temporary_folder(tmp_path):
     # 2.orbax-checkpoint-tmp/ stayed on the disk.
     from imagpose_jax.checkpoint.train_state import TrainCheckpointer
     directory = str(tmp_path / "checkpoints")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", FAILED_SAVE, directory], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", FAILED_SAVE, directory], cwd=ROOT, env=cpu_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if "CheckpointError" in line and not line.startswith(" ")]

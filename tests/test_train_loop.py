@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from cpu_env import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, KILL_AT, TERM_AT = 8, 3, 7, 5
 
@@ -77,7 +79,7 @@ def exported(workdir: str) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def env():
-    return dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's compilation cache is inherited
+    return cpu_env()  # conftest's compilation cache and XLA flags are inherited
 
 
 @pytest.fixture(scope="module")

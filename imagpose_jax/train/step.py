@@ -128,10 +128,8 @@ class TrainStep:
 
     def __init__(self, graphdef: nnx.GraphDef, cfg: StepConfig, alphas_cumprod, *, learning_rate: float,
                  shardings: nnx.State | None = None, batch_sharding: NamedSharding | None = None):
-        self.graphdef, self.cfg = graphdef, cfg
-        self.alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
         self.learning_rate = np.float32(learning_rate)
-        self._program = _program(graphdef, cfg, self.alphas_cumprod, shardings, batch_sharding)
+        self._program = _program(graphdef, cfg, np.asarray(alphas_cumprod, np.float32), shardings, batch_sharding)
 
     @property
     def traces(self) -> int:
