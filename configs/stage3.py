@@ -42,11 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Data (`train/inputs.py`). format: "imagpose_json" (`index`: the original's JSON list of per-person image
     # lists), "deepfashion" (`annotations`: fasion-resize-annotation-*.csv, `image_dir`) or "synthetic" (written
-    # under the workdir when `path` is empty). batch_size is global (all hosts); views are height x width. Every file
+    # under the workdir when `path` is empty). batch_size is global (all hosts; 16: one
+    # grid per chip of a v5e-16, where 32 does not fit); views are height x width. Every file
     # is checked to read before training (check_images; `data/check.py`): the first unreadable one stops the run
     # naming it, or with skip_corrupt the examples using one are skipped, giving up past max_corrupt_fraction of them.
     c.data = dict(format="imagpose_json", path="", index="", annotations="", image_dir="", height=512, width=512,
-                  batch_size=32, read_threads=8, worker_count=0, prefetch=8, check_images=True, skip_corrupt=False,
+                  batch_size=16, read_threads=8, worker_count=0, prefetch=8, check_images=True, skip_corrupt=False,
                   max_corrupt_fraction=0.01,
                   synthetic=dict(num_persons=12, poses_per_person=6, seed=0, test_fraction=0.25))
 
@@ -61,8 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # AdamW with global-norm clipping; schedule "constant" (the original's) or "cosine" (to 0.1 x lr at `steps`).
     c.optim = dict(learning_rate=1e-6, b1=0.9, b2=0.999, weight_decay=0.01, eps=1e-8, clip_norm=1.0,
                    schedule="constant", warmup_steps=0)
-    # Devices: data x fsdp x tensor (-1: all remaining devices).
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Devices: data x fsdp x tensor (-1: all remaining devices). Parameters, gradients and Adam moments sharded
+    # over every chip (FSDP), so that the step fits a v5e-16 at 512x512 views (`imagpose aot --plan_only`, README).
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
     # The loop: metrics every log_every steps (metrics.jsonl + TensorBoard), orbax checkpoints every
     # checkpoint_every (newest `keep` kept), sample grids every sample_every steps (0: never); a non-finite loss or
     # gradient skips that update, and max_nonfinite such steps in a row stop the run.
@@ -79,5 +81,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.update(format="synthetic", height=testing.TINY_VIEW, width=testing.TINY_VIEW, batch_size=2,
                       read_threads=0)
         c.step.update(compute_dtype="float32", matmul_precision="highest")
+        c.mesh.update(data=-1, fsdp=1)   # data parallel over the CPU devices
         c.train.update(log_every=1, checkpoint_every=50, sample_every=0, sample_steps=10)
     return c

@@ -9,16 +9,21 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A ('data', 'fsdp'[, 'tensor']) mesh over `devices` (default: all); `data=-1` takes the devices left over.
+    """A ('data', 'fsdp'[, 'tensor']) mesh over `devices` (default: all); `data=-1` or `fsdp=-1` (one of them)
+    takes the devices left over.
 
     The 'tensor' axis exists only when tensor > 1. Axis types are `Auto`: the partition rules place the
     state, XLA's SPMD partitioner propagates shardings through the step.
     """
     devices = jax.devices() if devices is None else list(devices)
-    if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(f"{len(devices)} devices do not divide into fsdp={fsdp} x tensor={tensor}")
-        data = len(devices) // (fsdp * tensor)
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh: data and fsdp cannot both be -1 (the devices left over go to one of them)")
+    if -1 in (data, fsdp):
+        fixed = (fsdp if data == -1 else data) * tensor
+        if len(devices) % fixed:
+            raise ValueError(f"{len(devices)} devices do not divide into {'fsdp' if data == -1 else 'data'}="
+                             f"{fixed // tensor} x tensor={tensor}")
+        data, fsdp = (len(devices) // fixed, fsdp) if data == -1 else (data, len(devices) // fixed)
     shape, names = (data, fsdp) + ((tensor,) if tensor > 1 else ()), BATCH_AXES + (("tensor",) if tensor > 1 else ())
     if data * fsdp * tensor != len(devices):
         raise ValueError(f"mesh {dict(zip(names, shape))} needs {data * fsdp * tensor} devices, have {len(devices)}")

@@ -2,7 +2,7 @@
 and report what they need per chip, before any pod is rented.
 
   imagpose aot --config configs/stage3.py --topology v5e:4x4 [--slices N] [--program train|sampler|both]
-      [--json report.json] [--config.KEY=VALUE ...]
+      [--plan_only] [--json report.json] [--config.KEY=VALUE ...]
 
 The program is the one `imagpose train` runs: the same config and overrides, `load_config` -> `state_builder` ->
 `abstract_train_state` (partition rules, mesh from the config) -> `TrainStep` (remat, dtypes, donation) ->
@@ -11,6 +11,11 @@ the `libtpu` wheel of the `tpu-aot` extra). XLA's memory analysis gives the per-
 FLOPs; a program over the chip's HBM is an error naming the bytes needed and available. The sampler is
 `Sampler.lower` for the config's models and views (`train.sample_steps` steps at `train.sample_guidance`), one
 grid per chip, the weights replicated.
+
+`--plan_only` (train step) stops after XLA's HLO passes: the per-chip memory plan (buffer assignment) of the
+optimised TPU program, with its kernels, without the TPU back end's code emission, which for SD1.5 at 512x512 views
+needs more than 24 GB of host memory (the plan: 5 min and 11 GB); its FLOPs are estimated from the step lowered
+for the CPU (`step_flops_estimate`).
 """
 from __future__ import annotations
 
@@ -67,11 +72,11 @@ def _bytes(tree) -> int:
     return total
 
 
-def _compile(lowered, chip: Chip, what: str):
+def _compile(lowered, chip: Chip, what: str, compiler_options=None):
     """lowered.compile() -> (compiled, memory analysis, cost analysis); an HBM overflow that XLA finds while
     compiling is `DoesNotFit`."""
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options)
     except Exception as err:   # noqa: BLE001 - XLA reports an HBM overflow at compile time
         if "RESOURCE_EXHAUSTED" in str(err) or "exceed" in str(err).lower():
             raise DoesNotFit(f"XLA: {what} does not fit in {chip.hbm_bytes / GIB:.2f} GiB per chip: "
@@ -91,10 +96,8 @@ def _tpu_kernels(compiled) -> int:
     return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
-def compile_train_step(c, devices, chip: Chip, *, on_compiled=None) -> dict:
-    """The train step of config `c` compiled for `devices` -> a per-chip report (bytes, FLOPs, step time at peak);
-    `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`.
-    `on_compiled(compiled)` is called with the compiled program (e.g. to read its HLO)."""
+def _lower_train_step(c, devices, chip: Chip):
+    """The train step of config `c` lowered for `devices`, and the report's parts known before compiling."""
     from flax import nnx
 
     from imagpose_jax.data.batch import batch_spec
@@ -110,27 +113,179 @@ def compile_train_step(c, devices, chip: Chip, *, on_compiled=None) -> dict:
         raise ValueError(f"data.batch_size {d.batch_size} does not split over the mesh's data x fsdp = "
                          f"{mesh.shape['data']} x {mesh.shape['fsdp']} batch shards")
     batch = batch_spec(d.batch_size, d.height, d.width, sharding=batch_sharding(mesh))
-    compiled, mem, cost = _compile(step.lower(state, batch), chip, "the train step")
-    if on_compiled is not None:
-        on_compiled(compiled)
     ts = nnx.State(state) if not isinstance(state, nnx.State) else state
-    params = _bytes(nnx.filter_state(ts["model"], nnx.Param))
-    frozen = _bytes(ts["vae"]) + _bytes(ts["dino"])
-    opt = _bytes(ts["optimizer"]) + (_bytes(ts["ema"]) if ts.get("ema") is not None else 0)
-    peak = _peak(mem)
-    flops = float(cost.get("flops", 0.0))
-    step_s = flops / chip.peak_bf16_flops if flops else None
     report = {
-        "program": "train step", "devices": len(devices), "mesh": dict(mesh.shape), "batch_size": d.batch_size, "views": f"{d.height}x{d.width}",
-        "per_chip": {"params_bytes": params, "frozen_encoders_bytes": frozen, "optimizer_bytes": opt,
-                     "batch_bytes": _bytes(batch), "argument_bytes": int(mem.argument_size_in_bytes),
-                     "temp_bytes": int(mem.temp_size_in_bytes), "peak_bytes": peak, "hbm_bytes": chip.hbm_bytes,
-                     "flops": flops, "step_s_at_peak": step_s},
-        "examples_per_s_at_100_mfu": d.batch_size / step_s if step_s else None,
-        "examples_per_s_at_40_mfu": 0.4 * d.batch_size / step_s if step_s else None,
-        "tpu_custom_calls": _tpu_kernels(compiled),
+        "program": "train step", "devices": len(devices), "mesh": dict(mesh.shape), "batch_size": d.batch_size,
+        "views": f"{d.height}x{d.width}",
+        "per_chip": {"params_bytes": _bytes(nnx.filter_state(ts["model"], nnx.Param)),
+                     "frozen_encoders_bytes": _bytes(ts["vae"]) + _bytes(ts["dino"]),
+                     "optimizer_bytes": _bytes(ts["optimizer"]) + (_bytes(ts["ema"]) if ts.get("ema") is not None
+                                                                   else 0),
+                     "batch_bytes": _bytes(batch), "hbm_bytes": chip.hbm_bytes},
         "remat": tc.model_config(c).unet.remat, "compute_dtype": c.step.compute_dtype,
     }
+    return step.lower(state, batch), report
+
+
+def compile_train_step(c, devices, chip: Chip, *, on_compiled=None, compiler_options=None) -> dict:
+    """The train step of config `c` compiled for `devices` -> a per-chip report (bytes, FLOPs, step time at peak);
+    `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`.
+    `on_compiled(compiled)` is called with the compiled program (e.g. to read its HLO); `compiler_options` go to
+    XLA (e.g. `xla_dump_to`)."""
+    lowered, report = _lower_train_step(c, devices, chip)
+    compiled, mem, cost = _compile(lowered, chip, "the train step", compiler_options)
+    if on_compiled is not None:
+        on_compiled(compiled)
+    flops = float(cost.get("flops", 0.0))
+    step_s = flops / chip.peak_bf16_flops if flops else None
+    report["per_chip"].update(argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+                              peak_bytes=_peak(mem), flops=flops, step_s_at_peak=step_s)
+    report.update(examples_per_s_at_100_mfu=c.data.batch_size / step_s if step_s else None,
+                  examples_per_s_at_40_mfu=0.4 * c.data.batch_size / step_s if step_s else None,
+                  tpu_custom_calls=_tpu_kernels(compiled))
+    return report
+
+
+# -- the memory plan only: XLA's buffer assignment, without the TPU back end's code emission ---------------------
+
+def buffer_assignment_bytes(text: str) -> dict:
+    """XLA's buffer assignment of a program (`*after_optimizations-buffer-assignment.txt`, written by `xla_dump_to`
+    after the HLO optimisations and before code emission) -> HBM bytes per chip (memory color 0; the other colors
+    are on-chip memories): `argument_bytes` (the parameters, donated outputs included), `output_bytes` (outputs
+    not aliased to a parameter), `temp_bytes` (XLA's preallocated heap), `thread_local_bytes`, `constant_bytes`,
+    and `planned_bytes`, their sum."""
+    import re
+    kinds = {"argument_bytes": 0, "output_bytes": 0, "temp_bytes": 0, "thread_local_bytes": 0, "constant_bytes": 0}
+    seen = False
+    for m in re.finditer(r"^allocation \d+: size (\d+)(.*?):?$", text, re.M):
+        seen = True
+        size, attrs = int(m.group(1)), m.group(2)
+        if re.search(r"\bcolor [1-9]", attrs):
+            continue
+        kind = ("argument_bytes" if "parameter" in attrs else "thread_local_bytes" if "thread-local" in attrs
+                else "constant_bytes" if "constant" in attrs else "temp_bytes" if "preallocated-temp" in attrs
+                else "output_bytes" if "live-out" in attrs or "output" in attrs else None)
+        if kind is None:
+            raise ValueError(f"buffer assignment: unknown allocation kind {attrs.strip()[:200]!r}")
+        kinds[kind] += size
+    if not seen:
+        raise ValueError("buffer assignment: no allocations found (not an XLA buffer-assignment dump?)")
+    kinds["planned_bytes"] = sum(kinds.values())
+    return kinds
+
+
+def step_flops_estimate(c, per_chip_batch: int) -> float:
+    """FLOPs of config `c`'s train step for `per_chip_batch` examples: XLA's cost analysis of the step lowered for
+    one CPU device, with dense XLA attention (the TPU program's splash kernels are not counted by XLA) and the
+    per-block rematerialisation's recomputation included. The tiny stage-2 step at one example per chip: 3.92e9
+    against 4.19e9 in the compiled v5e program."""
+    import os
+
+    import jax
+
+    from imagpose_jax.data.batch import batch_spec
+    from imagpose_jax.sharding import batch_sharding, make_mesh
+    from imagpose_jax.train import config as tc
+    from imagpose_jax.train.state import abstract_train_state
+    from imagpose_jax.models.attention import ENV_VAR
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "xla"   # read while tracing
+    try:
+        mesh = make_mesh(devices=jax.devices("cpu")[:1])
+        graphdef, state, shardings = abstract_train_state(tc.state_builder(c), mesh)
+        step = tc.train_step(c, graphdef, shardings)
+        lowered = step.lower(state, batch_spec(per_chip_batch, c.data.height, c.data.width,
+                                               sharding=batch_sharding(mesh)))
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = before
+    return float(lowered.cost_analysis()["flops"])
+
+
+def _plan_child(c, topology: str, slices: int, dump: str) -> None:
+    """In a child process: lower the train step, estimate its FLOPs, write the report's known parts, compile with
+    the HLO dumped (the parent stops this process once the buffer assignment is written)."""
+    import os
+    devices, chip = topology_devices(topology, slices)
+    try:
+        lowered, report = _lower_train_step(c, devices, chip)
+        mesh = report["mesh"]
+        report["per_chip"]["flops"] = step_flops_estimate(c, c.data.batch_size // (mesh["data"] * mesh["fsdp"]))
+        with open(os.path.join(dump, "report.json.tmp"), "w") as f:
+            json.dump(report, f)
+        os.replace(os.path.join(dump, "report.json.tmp"), os.path.join(dump, "report.json"))
+        lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+    except Exception as err:   # noqa: BLE001 - handed to the parent, which raises it with its message
+        with open(os.path.join(dump, "error.txt"), "w") as f:
+            f.write(f"{type(err).__name__}: {err}")
+
+
+def plan_train_step(c, topology: str, slices: int = 1, *, timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> dict:
+    """The train step's memory plan on a TPU topology without its code emission: XLA's buffer assignment of the
+    optimised per-chip program (every HLO pass, sharding, fusion and rematerialisation done; an HBM overflow found
+    there is `DoesNotFit`), read as soon as XLA writes it; the compile, in a child process, is then stopped. For
+    programs whose code emission needs more host memory than there is (SD1.5 at 512x512 views does past 24 GB).
+    The report is `compile_train_step`'s with `planned_bytes` (arguments + outputs + XLA's heap + thread-local +
+    constants) as its peak and the FLOPs of `step_flops_estimate`; the TPU back end adds scratch of its own in code
+    emission (tiny stage-2 program on v5e 2x2: final temporaries 78.8 MB against a 66.3 MB heap)."""
+    import glob
+    import multiprocessing
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    _, chip = topology_devices(topology, slices)
+    dump = tempfile.mkdtemp(prefix="imagpose-aot-plan-")
+    child = multiprocessing.get_context("spawn").Process(target=_plan_child, args=(c, topology, slices, dump),
+                                                         daemon=True)
+    child.start()
+    try:
+        sizes, steady, deadline = None, 0, time.monotonic() + timeout_s
+        while True:
+            time.sleep(poll_s)
+            if os.path.exists(os.path.join(dump, "error.txt")) or not child.is_alive():
+                child.join(5)
+                err = open(os.path.join(dump, "error.txt")).read() if os.path.exists(
+                    os.path.join(dump, "error.txt")) else (f"the compiling process exited with code {child.exitcode}"
+                                                           + (" (killed: out of host memory?)"
+                                                              if child.exitcode == -9 else ""))
+                if "RESOURCE_EXHAUSTED" in err or "exceed" in err.lower():
+                    raise DoesNotFit(f"XLA: the train step does not fit in {chip.hbm_bytes / GIB:.2f} GiB per chip: "
+                                     f"{err.splitlines()[0][:600]}")
+                raise RuntimeError(f"imagpose aot: planning the train step failed: {err[:2000]}")
+            files = (glob.glob(os.path.join(dump, "*jit__step*after_optimizations-buffer-assignment.txt"))
+                     + glob.glob(os.path.join(dump, "*jit__step*after_optimizations.txt")))
+            now = [os.path.getsize(f) for f in sorted(files)]
+            steady = steady + 1 if now == sizes else 0   # written out: the sizes unchanged over two polls
+            if len(files) == 2 and os.path.exists(os.path.join(dump, "report.json")) and steady >= 2:
+                break
+            sizes = now
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"imagpose aot: no buffer assignment after {timeout_s:.0f} s")
+        child.kill()
+        ba, hlo = sorted(files)[0], sorted(files)[1]
+        ba, hlo = (ba, hlo) if ba.endswith("buffer-assignment.txt") else (hlo, ba)
+        with open(os.path.join(dump, "report.json")) as f:
+            report = json.load(f)
+        with open(ba) as f:
+            plan = buffer_assignment_bytes(f.read())
+        with open(hlo) as f:
+            kernels = f.read().count('custom_call_target="tpu_custom_call"')
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(10)
+        shutil.rmtree(dump, ignore_errors=True)
+    flops = report["per_chip"]["flops"]
+    step_s = flops / chip.peak_bf16_flops
+    report["per_chip"].update(argument_bytes=plan["argument_bytes"], temp_bytes=plan["temp_bytes"],
+                              peak_bytes=plan["planned_bytes"], step_s_at_peak=step_s, plan=plan,
+                              flops_estimated=True)
+    report.update(plan_only=True, examples_per_s_at_100_mfu=c.data.batch_size / step_s,
+                  examples_per_s_at_40_mfu=0.4 * c.data.batch_size / step_s, tpu_custom_calls=kernels)
     return report
 
 
@@ -184,7 +339,8 @@ def check_fits(report: dict) -> None:
     if p["peak_bytes"] > p["hbm_bytes"]:
         raise DoesNotFit(f"{report.get('program', 'the train step')} needs {p['peak_bytes'] / GIB:.2f} GiB per chip, the chip has "
                          f"{p['hbm_bytes'] / GIB:.2f} GiB (short by {(p['peak_bytes'] - p['hbm_bytes']) / GIB:.2f} GiB): "
-                         f"shard more (--config.mesh.fsdp), lower --config.data.batch_size or set --config.unet.remat=block")
+                         f"shard more (--config.mesh.fsdp), lower --config.data.batch_size"
+                         + (" or set --config.unet.remat=block" if report.get("remat") not in (None, "block") else ""))
 
 
 def format_report(r: dict) -> str:
@@ -200,7 +356,10 @@ def format_report(r: dict) -> str:
                  f"per chip: params {g(p['params_bytes'])}, frozen VAE + DINOv2 {g(p['frozen_encoders_bytes'])}, "
                  f"optimizer (+ EMA) {g(p['optimizer_bytes'])}, batch {g(p['batch_bytes'])}"]
     lines += [f"          temporaries {g(p['temp_bytes'])}, peak {g(p['peak_bytes'])} of {g(p['hbm_bytes'])} HBM",
-              f"FLOPs per chip {p['flops']:.3e} (Pallas kernels not counted); TPU kernels {r['tpu_custom_calls']}"]
+              (f"FLOPs per chip {p['flops']:.3e} (Pallas kernels not counted)" if not p.get("flops_estimated") else
+               f"memory plan only (XLA's buffer assignment, before code emission); FLOPs per chip {p['flops']:.3e} "
+               f"(estimated: the step lowered for the CPU with dense attention)")
+              + f"; TPU kernels {r['tpu_custom_calls']}"]
     t, unit = (p.get("step_s_at_peak"), "examples") if r["program"] != "sampler" else (p["batch_s_at_peak"], "grids")
     if t:
         rate = r[f"{unit}_per_s_at_100_mfu"]
@@ -222,14 +381,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.DEFINE_integer("slices", 1, "number of slices (multi-slice)", flag_values=fv)
         flags.DEFINE_enum("program", "both", ["train", "sampler", "both"], "what to compile", flag_values=fv)
         flags.DEFINE_string("json", None, "also write the report(s) here", flag_values=fv)
+        flags.DEFINE_bool("plan_only", False, "train step only: XLA's memory plan (buffer assignment) of the "
+                          "optimised TPU program, without the back end's code emission (which needs more host "
+                          "memory than XLA's passes; no FLOPs then)", flag_values=fv)
     try:
         fv = config_flag_values(argv, define, prog="imagpose aot")
     except (flags.Error, FileNotFoundError, ValueError, AttributeError, KeyError) as err:
         raise SystemExit(f"imagpose aot: error: {err}") from None
     if fv.config is None or not fv.topology:
         raise SystemExit("imagpose aot: error: --config and --topology are required")
+    if fv.plan_only and fv.program != "train":
+        raise SystemExit("imagpose aot: error: --plan_only plans the train step: add --program train")
     devices, chip = topology_devices(fv.topology, fv.slices)
     compilers = {"train": compile_train_step, "sampler": compile_sampler}
+    if fv.plan_only:
+        compilers["train"] = lambda c, _devices, _chip: plan_train_step(c, fv.topology, fv.slices)
     reports = []
     for name in ("train", "sampler") if fv.program == "both" else (fv.program,):
         try:
