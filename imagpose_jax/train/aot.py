@@ -14,7 +14,7 @@ grid per chip, the weights replicated.
 
 `--plan_only` (train step) stops after XLA's HLO passes: the per-chip memory plan (buffer assignment) of the
 optimised TPU program, with its kernels, without the TPU back end's code emission, which for SD1.5 at 512x512 views
-needs more than 24 GB of host memory (the plan: 5 min and 11 GB); its FLOPs are estimated from the step lowered
+needs more than 24 GB of host memory (the plan: 5 min and 10 GiB); its FLOPs are estimated from the step lowered
 for the CPU (`step_flops_estimate`).
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _tpu_kernels(compiled) -> int:
     return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
-def _lower_train_step(c, devices, chip: Chip):
+def _lower_train_step(c, devices):
     """The train step of config `c` lowered for `devices`, and the report's parts known before compiling."""
     from flax import nnx
 
@@ -121,7 +121,7 @@ def _lower_train_step(c, devices, chip: Chip):
                      "frozen_encoders_bytes": _bytes(ts["vae"]) + _bytes(ts["dino"]),
                      "optimizer_bytes": _bytes(ts["optimizer"]) + (_bytes(ts["ema"]) if ts.get("ema") is not None
                                                                    else 0),
-                     "batch_bytes": _bytes(batch), "hbm_bytes": chip.hbm_bytes},
+                     "batch_bytes": _bytes(batch)},
         "remat": tc.model_config(c).unet.remat, "compute_dtype": c.step.compute_dtype,
     }
     return step.lower(state, batch), report
@@ -132,14 +132,14 @@ def compile_train_step(c, devices, chip: Chip, *, on_compiled=None, compiler_opt
     `check_fits` then compares it with the chip's HBM. An HBM overflow XLA finds while compiling is `DoesNotFit`.
     `on_compiled(compiled)` is called with the compiled program (e.g. to read its HLO); `compiler_options` go to
     XLA (e.g. `xla_dump_to`)."""
-    lowered, report = _lower_train_step(c, devices, chip)
+    lowered, report = _lower_train_step(c, devices)
     compiled, mem, cost = _compile(lowered, chip, "the train step", compiler_options)
     if on_compiled is not None:
         on_compiled(compiled)
     flops = float(cost.get("flops", 0.0))
     step_s = flops / chip.peak_bf16_flops if flops else None
     report["per_chip"].update(argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-                              peak_bytes=_peak(mem), flops=flops, step_s_at_peak=step_s)
+                              peak_bytes=_peak(mem), hbm_bytes=chip.hbm_bytes, flops=flops, step_s_at_peak=step_s)
     report.update(examples_per_s_at_100_mfu=c.data.batch_size / step_s if step_s else None,
                   examples_per_s_at_40_mfu=0.4 * c.data.batch_size / step_s if step_s else None,
                   tpu_custom_calls=_tpu_kernels(compiled))
@@ -175,27 +175,23 @@ def buffer_assignment_bytes(text: str) -> dict:
 
 
 def step_flops_estimate(c, per_chip_batch: int) -> float:
-    """FLOPs of config `c`'s train step for `per_chip_batch` examples: XLA's cost analysis of the step lowered for
-    one CPU device, with dense XLA attention (the TPU program's splash kernels are not counted by XLA) and the
-    per-block rematerialisation's recomputation included. The tiny stage-2 step at one example per chip: 3.92e9
-    against 4.19e9 in the compiled v5e program."""
+    """FLOPs of config `c`'s train step for `per_chip_batch` examples: XLA's cost analysis of the same step
+    (`_lower_train_step`) lowered for one CPU device, with dense XLA attention everywhere (`IMAGPOSE_ATTN_IMPL`,
+    set while tracing: the CPU's chunked kernel is a loop whose body XLA counts once, and the TPU program's splash
+    kernels are not counted by XLA) and the per-block rematerialisation's recomputation included. The tiny stage-2
+    step at one example per chip: 3.92e9 against 4.19e9 in the compiled v5e program."""
     import os
 
     import jax
 
-    from imagpose_jax.data.batch import batch_spec
-    from imagpose_jax.sharding import batch_sharding, make_mesh
-    from imagpose_jax.train import config as tc
-    from imagpose_jax.train.state import abstract_train_state
     from imagpose_jax.models.attention import ENV_VAR
+    one = c.copy_and_resolve_references()
+    one.data.batch_size = per_chip_batch
+    one.mesh.update(data=-1, fsdp=1, tensor=1)
     before = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = "xla"   # read while tracing
+    os.environ[ENV_VAR] = "xla"
     try:
-        mesh = make_mesh(devices=jax.devices("cpu")[:1])
-        graphdef, state, shardings = abstract_train_state(tc.state_builder(c), mesh)
-        step = tc.train_step(c, graphdef, shardings)
-        lowered = step.lower(state, batch_spec(per_chip_batch, c.data.height, c.data.width,
-                                               sharding=batch_sharding(mesh)))
+        lowered, _ = _lower_train_step(one, jax.devices("cpu")[:1])
     finally:
         if before is None:
             os.environ.pop(ENV_VAR, None)
@@ -208,9 +204,9 @@ def _plan_child(c, topology: str, slices: int, dump: str) -> None:
     """In a child process: lower the train step, estimate its FLOPs, write the report's known parts, compile with
     the HLO dumped (the parent stops this process once the buffer assignment is written)."""
     import os
-    devices, chip = topology_devices(topology, slices)
+    devices, _ = topology_devices(topology, slices)
     try:
-        lowered, report = _lower_train_step(c, devices, chip)
+        lowered, report = _lower_train_step(c, devices)
         mesh = report["mesh"]
         report["per_chip"]["flops"] = step_flops_estimate(c, c.data.batch_size // (mesh["data"] * mesh["fsdp"]))
         with open(os.path.join(dump, "report.json.tmp"), "w") as f:
@@ -256,18 +252,17 @@ def plan_train_step(c, topology: str, slices: int = 1, *, timeout_s: float = 6 *
                     raise DoesNotFit(f"XLA: the train step does not fit in {chip.hbm_bytes / GIB:.2f} GiB per chip: "
                                      f"{err.splitlines()[0][:600]}")
                 raise RuntimeError(f"imagpose aot: planning the train step failed: {err[:2000]}")
-            files = (glob.glob(os.path.join(dump, "*jit__step*after_optimizations-buffer-assignment.txt"))
-                     + glob.glob(os.path.join(dump, "*jit__step*after_optimizations.txt")))
-            now = [os.path.getsize(f) for f in sorted(files)]
+            files = [glob.glob(os.path.join(dump, f"*jit__step*after_optimizations{end}.txt"))
+                     for end in ("-buffer-assignment", "")]   # [[buffer assignment], [optimised HLO]] once written
+            now = [os.path.getsize(f) for found in files for f in found]
             steady = steady + 1 if now == sizes else 0   # written out: the sizes unchanged over two polls
-            if len(files) == 2 and os.path.exists(os.path.join(dump, "report.json")) and steady >= 2:
+            if len(now) == 2 and os.path.exists(os.path.join(dump, "report.json")) and steady >= 2:
                 break
             sizes = now
             if time.monotonic() > deadline:
                 raise TimeoutError(f"imagpose aot: no buffer assignment after {timeout_s:.0f} s")
         child.kill()
-        ba, hlo = sorted(files)[0], sorted(files)[1]
-        ba, hlo = (ba, hlo) if ba.endswith("buffer-assignment.txt") else (hlo, ba)
+        [ba], [hlo] = files
         with open(os.path.join(dump, "report.json")) as f:
             report = json.load(f)
         with open(ba) as f:
@@ -282,7 +277,8 @@ def plan_train_step(c, topology: str, slices: int = 1, *, timeout_s: float = 6 *
     flops = report["per_chip"]["flops"]
     step_s = flops / chip.peak_bf16_flops
     report["per_chip"].update(argument_bytes=plan["argument_bytes"], temp_bytes=plan["temp_bytes"],
-                              peak_bytes=plan["planned_bytes"], step_s_at_peak=step_s, plan=plan,
+                              peak_bytes=plan["planned_bytes"], hbm_bytes=chip.hbm_bytes, step_s_at_peak=step_s,
+                              plan=plan,
                               flops_estimated=True)
     report.update(plan_only=True, examples_per_s_at_100_mfu=c.data.batch_size / step_s,
                   examples_per_s_at_40_mfu=0.4 * c.data.batch_size / step_s, tpu_custom_calls=kernels)
@@ -383,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.DEFINE_string("json", None, "also write the report(s) here", flag_values=fv)
         flags.DEFINE_bool("plan_only", False, "train step only: XLA's memory plan (buffer assignment) of the "
                           "optimised TPU program, without the back end's code emission (which needs more host "
-                          "memory than XLA's passes; no FLOPs then)", flag_values=fv)
+                          "memory than XLA's passes; FLOPs then estimated from the step lowered for the CPU)", flag_values=fv)
     try:
         fv = config_flag_values(argv, define, prog="imagpose aot")
     except (flags.Error, FileNotFoundError, ValueError, AttributeError, KeyError) as err:
