@@ -103,3 +103,19 @@ def test_sharded_splash_values_on_four_cpu_devices():
     r = subprocess.run([sys.executable, "-c", SHARDED_VALUES], env=cpu_env(4), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_vae_mid_attention_follows_the_tpu_mesh(mesh):
+    """The frozen VAE's mid-block self-attention takes the platform's kernel: on a 128x128 grid its latents are
+    16x16, 256 tokens, so the encoder's program for the TPU holds a splash kernel (at SD1.5's 128x128 latents the
+    whole logits would be 1 GiB per image); the same program for the CPU holds none."""
+    from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
+    from imagpose_jax.testing import TINY_VAE
+    graphdef, params = nnx.split(abstract(lambda k: AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=k)))
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))
+    params = jax.tree.map(lambda p: spec(p.shape, rep, p.dtype), params)
+    fn = lambda p, x: nnx.merge(graphdef, p).encode(x)[0]  # noqa: E731
+    x = spec((4, 128, 128, 3), batch, jnp.float32)
+    assert jax.jit(fn).lower(params, x).as_text().count("tpu_custom_call") == 1
+    cpu = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    assert jax.jit(fn).lower(cpu, jax.ShapeDtypeStruct(x.shape, x.dtype)).as_text().count("tpu_custom_call") == 0

@@ -56,7 +56,9 @@ class VAEConfig:
 
 
 class MidAttention(nnx.Module):
-    """diffusers' single-head spatial self-attention of the VAE's mid block: GroupNorm, q/k/v with bias, + input."""
+    """diffusers' single-head spatial self-attention of the VAE's mid block: GroupNorm, q/k/v with bias, + input.
+    Its kernel is the platform's "auto" choice (`models.attention`): at 512x512 views the latent grid is 128x128,
+    16,384 tokens, whose whole float32 logits are 1 GiB per image (splash on a TPU, chunked on the CPU)."""
 
     def __init__(self, c: int, groups: int, *, rngs, dtype=None):
         self.group_norm = group_norm(c, groups, 1e-6, rngs=rngs, dtype=dtype)
@@ -68,7 +70,7 @@ class MidAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C)
         b, h, w, c = x.shape
         hs = self.group_norm(x).reshape(b, h * w, 1, c)
-        out = dot_product_attention(self.to_q(hs), self.to_k(hs), self.to_v(hs), "einsum")  # (B, HW, 1, C)
+        out = dot_product_attention(self.to_q(hs), self.to_k(hs), self.to_v(hs), "auto")  # (B, HW, 1, C)
         return self.to_out_0(out.reshape(b, h, w, c)) + x
 
 
