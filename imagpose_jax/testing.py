@@ -37,11 +37,11 @@ TINY_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_nu
 TINY_DINO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, patch_size=14, image_size=224)
 
 
-def tiny_model_config(use_cva: bool = True):
-    """The tiny denoiser's `IMAGPoseConfig` (with CVA: stages 2-3; without: stage 1)."""
+def tiny_model_config(use_cva: bool = True, remat: str = "none"):
+    """The tiny denoiser's `IMAGPoseConfig` (with CVA: stages 2-3; without: stage 1; `UNetConfig.remat`)."""
     from imagpose_jax.models.imagpose import IMAGPoseConfig
     from imagpose_jax.models.unet_config import UNetConfig
-    return IMAGPoseConfig(unet=UNetConfig(**TINY_UNET, use_cva=use_cva), patch_size=TINY_PATCH_SIZE)
+    return IMAGPoseConfig(unet=UNetConfig(**TINY_UNET, use_cva=use_cva, remat=remat), patch_size=TINY_PATCH_SIZE)
 
 
 def drawn_modules(*ctors, seed: int = 0) -> tuple:
@@ -94,12 +94,12 @@ def drawn_train_state(c, mesh=None):
     return graphdef, state, shardings
 
 
-def tiny_models(seed: int = 0, *, use_cva: bool = True):
+def tiny_models(seed: int = 0, *, use_cva: bool = True, remat: str = "none"):
     """(IMAGPose, AutoencoderKL, Dinov2Model) of the tiny configs, weights drawn by `drawn_modules`."""
     from imagpose_jax.models.dinov2 import Dinov2Config, Dinov2Model
     from imagpose_jax.models.imagpose import IMAGPose
     from imagpose_jax.models.vae import AutoencoderKL, VAEConfig
-    cfg = tiny_model_config(use_cva)
+    cfg = tiny_model_config(use_cva, remat)
     return drawn_modules(lambda k: IMAGPose(cfg, rngs=k), lambda k: AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=k),
                          lambda k: Dinov2Model(Dinov2Config.from_dict(TINY_DINO), rngs=k), seed=seed)
 

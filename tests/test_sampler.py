@@ -79,6 +79,16 @@ def test_dpm_solver_sampler_compiles_once(models):
         Sampler(*models, cfg.replace(scheduler_config={**DEFAULT_SCHEDULER, "eta": 0.5}))
 
 
+def test_sampler_runs_a_model_built_with_block_remat(models):
+    """The SD1.5 stage configs build the UNet with remat "block" (`imagpose train` samples with that model, and
+    `imagpose aot --program sampler` compiles it): inside the sampler's loop over the steps it gives the images of
+    remat "none" (it raised flax's TraceContextError when each block was wrapped in `nnx.remat`)."""
+    cfg = SamplerConfig(num_inference_steps=2)
+    block = Sampler(*tiny_models(0, remat="block"), cfg)(_batch(1, 3), key=jax.random.key(0))
+    none = Sampler(*models, cfg)(_batch(1, 3), key=jax.random.key(0))
+    np.testing.assert_array_equal(block, none)
+
+
 @pytest.mark.parametrize("original", [False, True])
 def test_cli_accepts_dpm_solver(monkeypatch, capsys, original):
     seen = []

@@ -19,13 +19,12 @@ from imagpose_jax.models.unet_config import CROSS_DOWN, CROSS_UP, UNetConfig
 from imagpose_jax.sharding.mesh import constrain_batch
 
 
-def _apply(module, *args):
-    return module(*args)
-
-
 class _Remat(nnx.Module):
     """`self._run(module, *args)` is `module(*args)`, rematerialised in the backward pass with `cfg.remat ==
-    "block"` (`nnx.remat` around the call: the module tree, hence the parameter names, stay the same)."""
+    "block"`: `jax.checkpoint` around the module applied to its split state (the module tree, hence the parameter
+    names, stay the same). Functional, with nothing written back to the module (a block holds no mutable state),
+    so that it also runs inside a loop traced below the module's own trace (the sampler's `fori_loop` over the
+    steps, where `nnx.remat`'s write-back raised `TraceContextError` on a model built with remat "block")."""
 
     def _set_remat(self, cfg: UNetConfig):
         self.remat, self.remat_policy = cfg.remat, cfg.remat_policy
@@ -36,7 +35,9 @@ class _Remat(nnx.Module):
         if self.remat == "none":
             return constrain_batch(module(x, *rest), mesh)
         policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
-        return constrain_batch(nnx.remat(_apply, policy=policy)(module, x, *rest), mesh)
+        graphdef, state = nnx.split(module)
+        apply = lambda st, *a: nnx.merge(graphdef, st)(*a)  # noqa: E731
+        return constrain_batch(jax.checkpoint(apply, policy=policy)(state, x, *rest), mesh)
 
 
 class _Block(_Remat):
