@@ -13,9 +13,9 @@ FLOPs; a program over the chip's HBM is an error naming the bytes needed and ava
 grid per chip, the weights replicated.
 
 `--plan_only` (train step) stops after XLA's HLO passes: the per-chip memory plan (buffer assignment) of the
-optimised TPU program, with its kernels, without the TPU back end's code emission, which for SD1.5 at 512x512 views
-needs more than 24 GB of host memory (the plan: 5 min and 10 GiB); its FLOPs are estimated from the step lowered
-for the CPU (`step_flops_estimate`).
+optimised TPU program, with its kernels, without the TPU back end's code emission, which for SD1.5 stage 3 at
+512x512 views on v5e-16 took 50 min and 21.2 GiB of host memory (the plan: 6 min and 8 GiB); its FLOPs are
+estimated from the step lowered for the CPU (`step_flops_estimate`).
 """
 from __future__ import annotations
 
@@ -222,7 +222,8 @@ def plan_train_step(c, topology: str, slices: int = 1, *, timeout_s: float = 6 *
     """The train step's memory plan on a TPU topology without its code emission: XLA's buffer assignment of the
     optimised per-chip program (every HLO pass, sharding, fusion and rematerialisation done; an HBM overflow found
     there is `DoesNotFit`), read as soon as XLA writes it; the compile, in a child process, is then stopped. For
-    programs whose code emission needs more host memory than there is (SD1.5 at 512x512 views does past 24 GB).
+    programs whose code emission needs more host memory or time than there is (SD1.5 stage 3 at 512x512 views on
+    v5e-16: 21.2 GiB and 50 min; its plan: 7.7 GiB and 6 min, peak 8.40 GiB against the compiled 7.71 GiB).
     The report is `compile_train_step`'s with `planned_bytes` (arguments + outputs + XLA's heap + thread-local +
     constants) as its peak and the FLOPs of `step_flops_estimate`; the TPU back end adds scratch of its own in code
     emission (tiny stage-2 program on v5e 2x2: final temporaries 78.8 MB against a 66.3 MB heap)."""
