@@ -19,13 +19,13 @@ from imagpose_jax.models.attention import dot_product_attention, program_mesh, r
 from imagpose_jax.models.init import abstract
 from imagpose_jax.models.unet import UNet
 from imagpose_jax.models.unet_config import UNetConfig
+from imagpose_jax.train.aot import TPU_KERNEL as TPU_CALL  # a Mosaic (Pallas) kernel in the compiled HLO
 from test_unet_remat import SMALL_UNET
 from cpu_env import cpu_env
 
 if sys.platform != "linux":
     pytest.skip("libtpu (the test extra's jax[tpu]) is built for Linux only", allow_module_level=True)
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lockfile would keep concurrent sessions out
-TPU_CALL = 'custom_call_target="tpu_custom_call"'  # a Mosaic (Pallas) kernel in the compiled HLO
 
 
 @pytest.fixture(scope="module")

@@ -91,9 +91,19 @@ def _peak(mem) -> int:
                                                            - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
 
 
-def _tpu_kernels(compiled) -> int:
-    """Mosaic (Pallas) kernels in the compiled TPU program, e.g. splash attention."""
-    return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+TPU_KERNEL = 'custom_call_target="tpu_custom_call"'   # a Mosaic (Pallas) kernel in optimised HLO text
+
+
+def _tpu_kernels(hlo_text: str) -> int:
+    """Mosaic (Pallas) kernels in a TPU program's optimised HLO, e.g. splash attention."""
+    return hlo_text.count(TPU_KERNEL)
+
+
+def _at_peak(flops: float, chip: Chip, n: int) -> tuple[float | None, float | None, float | None]:
+    """(seconds per program run at the chip's peak FLOP/s, examples/s at 100% MFU, at 40%) for `n` examples per
+    run over the slice; Nones without FLOPs."""
+    s = flops / chip.peak_bf16_flops if flops else None
+    return (s, n / s, 0.4 * n / s) if s else (None, None, None)
 
 
 def _lower_train_step(c, devices):
@@ -137,12 +147,11 @@ def compile_train_step(c, devices, chip: Chip, *, on_compiled=None, compiler_opt
     if on_compiled is not None:
         on_compiled(compiled)
     flops = float(cost.get("flops", 0.0))
-    step_s = flops / chip.peak_bf16_flops if flops else None
+    step_s, at_100, at_40 = _at_peak(flops, chip, c.data.batch_size)
     report["per_chip"].update(argument_bytes=int(mem.argument_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                               peak_bytes=_peak(mem), hbm_bytes=chip.hbm_bytes, flops=flops, step_s_at_peak=step_s)
-    report.update(examples_per_s_at_100_mfu=c.data.batch_size / step_s if step_s else None,
-                  examples_per_s_at_40_mfu=0.4 * c.data.batch_size / step_s if step_s else None,
-                  tpu_custom_calls=_tpu_kernels(compiled))
+    report.update(examples_per_s_at_100_mfu=at_100, examples_per_s_at_40_mfu=at_40,
+                  tpu_custom_calls=_tpu_kernels(compiled.as_text()))
     return report
 
 
@@ -269,20 +278,18 @@ def plan_train_step(c, topology: str, slices: int = 1, *, timeout_s: float = 6 *
         with open(ba) as f:
             plan = buffer_assignment_bytes(f.read())
         with open(hlo) as f:
-            kernels = f.read().count('custom_call_target="tpu_custom_call"')
+            kernels = _tpu_kernels(f.read())
     finally:
         if child.is_alive():
             child.kill()
         child.join(10)
         shutil.rmtree(dump, ignore_errors=True)
-    flops = report["per_chip"]["flops"]
-    step_s = flops / chip.peak_bf16_flops
+    step_s, at_100, at_40 = _at_peak(report["per_chip"]["flops"], chip, c.data.batch_size)
     report["per_chip"].update(argument_bytes=plan["argument_bytes"], temp_bytes=plan["temp_bytes"],
                               peak_bytes=plan["planned_bytes"], hbm_bytes=chip.hbm_bytes, step_s_at_peak=step_s,
-                              plan=plan,
-                              flops_estimated=True)
-    report.update(plan_only=True, examples_per_s_at_100_mfu=c.data.batch_size / step_s,
-                  examples_per_s_at_40_mfu=0.4 * c.data.batch_size / step_s, tpu_custom_calls=kernels)
+                              plan=plan, flops_estimated=True)
+    report.update(plan_only=True, examples_per_s_at_100_mfu=at_100, examples_per_s_at_40_mfu=at_40,
+                  tpu_custom_calls=kernels)
     return report
 
 
@@ -315,7 +322,7 @@ def compile_sampler(c, devices, chip: Chip, *, batch_size: int | None = None, st
                                  sharding=split)
     compiled, mem, cost = _compile(sampler.lower(batch, noise), chip, "the sampler")
     flops = float(cost.get("flops", 0.0))
-    batch_s = flops / chip.peak_bf16_flops if flops else None
+    batch_s, at_100, at_40 = _at_peak(flops, chip, b)
     weights = _bytes(nnx.state(built.model, nnx.Param)) + _bytes(built.vae) + _bytes(built.dino)
     return {
         "program": "sampler", "devices": len(devices), "mesh": dict(mesh.shape), "batch_size": b,
@@ -324,9 +331,8 @@ def compile_sampler(c, devices, chip: Chip, *, batch_size: int | None = None, st
                      "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
                      "peak_bytes": _peak(mem), "hbm_bytes": chip.hbm_bytes, "flops": flops,
                      "batch_s_at_peak": batch_s},
-        "grids_per_s_at_100_mfu": b / batch_s if batch_s else None,
-        "grids_per_s_at_40_mfu": 0.4 * b / batch_s if batch_s else None,
-        "tpu_custom_calls": _tpu_kernels(compiled),
+        "grids_per_s_at_100_mfu": at_100, "grids_per_s_at_40_mfu": at_40,
+        "tpu_custom_calls": _tpu_kernels(compiled.as_text()),
     }
 
 
